@@ -1,0 +1,1 @@
+"""ONNX / TensorRT export (installed as genrec_jax.export)."""

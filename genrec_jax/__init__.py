@@ -1,0 +1,1 @@
+from genrec_jax.version import __version__

@@ -1,0 +1,459 @@
+"""Typed configuration: dataclass sections, YAML presets and ``key=value`` overrides.
+
+A preset in ``configs/`` is a YAML file whose top-level keys are the sections below.
+Missing keys take the dataclass defaults; unknown keys, wrong types and impossible values
+fail at load time with a message naming the key and the file (or the override) they came
+from. Each component receives only the section it needs (``cfg.model``, ``cfg.train``...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or impossible."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass
+class SyntheticConfig:
+    num_users: int = 2000
+    num_items: int = 1000
+    num_clusters: int = 10
+    num_categories: int = 20
+    num_tags: int = 64
+    min_len: int = 8
+    max_len: int = 60
+    zipf_exponent: float = 1.1
+    markov_weight: float = 0.6
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dataset: Literal["synthetic", "amazon", "movielens"] = "synthetic"
+    # Directory holding the data set folder; falls back to $GENREC_DATA_DIR.
+    data_dir: str | None = None
+    # Folder inside data_dir (amazon: "amazon-beauty"; movielens: "ml-1m").
+    subdir: str | None = None
+    max_seq_len: int = 50
+    batch_size: int = 128
+    # Padded-length buckets for training batches (each a compiled shape).
+    bucket_sizes: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64])
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+
+    def resolved_dir(self) -> Path | None:
+        base = self.data_dir or os.environ.get("GENREC_DATA_DIR")
+        if base is None:
+            return None
+        sub = self.subdir or {"amazon": "amazon-beauty", "movielens": "ml-1m"}.get(self.dataset, "")
+        return Path(base).expanduser() / sub
+
+
+@dataclasses.dataclass
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    expert_dim: int = 256
+    # "dropless": grouped matmul (jax.lax.ragged_dot); "dense": every expert on every
+    # token, masked by the gates (the fallback; same outputs on the same routing).
+    routing: Literal["dropless", "dense"] = "dropless"
+    balance_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+
+
+@dataclasses.dataclass
+class MultiScaleConfig:
+    enabled: bool = False
+    # The most recent `short_len` events stay as tokens; older ones are mean-pooled
+    # into windows of `long_window` events (at most `max_long_tokens` windows).
+    short_len: int = 32
+    long_window: int = 8
+    max_long_tokens: int = 16
+    num_context_tokens: int = 2
+    user_profile_dim: int = 16
+
+
+@dataclasses.dataclass
+class TaskHeadsConfig:
+    enabled: bool = False
+    # engagement: P(like|share|purchase); retention: P(not skip); monetization:
+    # P(purchase); watch: regression on watch ratio.
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["engagement", "retention", "monetization", "watch"])
+    hidden_dim: int = 128
+    interaction: bool = True  # DLRM-style pairwise interaction feeding the heads
+
+
+@dataclasses.dataclass
+class DecoderConfig:
+    enabled: bool = False
+    num_layers: int = 2
+    num_heads: int = 4
+    head_dim: int = 32
+    ffn_dim: int = 256
+    use_moe: bool = False
+    dropout: float = 0.1
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    arch: Literal["hstu", "sasrec"] = "hstu"
+    embed_dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    attn_dim: int = 32  # per-head query/key width
+    linear_dim: int = 32  # per-head value/gate width (HSTU); SASRec uses embed_dim // num_heads
+    dropout: float = 0.2
+    attn_dropout: float = 0.0
+    # HSTU divides SiLU attention by n. "max_len": n = max sequence length (a constant,
+    # so a token's output never depends on later tokens); "causal_count": n = number of
+    # keys the query sees (also causal).
+    attn_norm: Literal["max_len", "causal_count"] = "max_len"
+    rab_position: bool = True
+    rab_time: bool = True
+    num_time_buckets: int = 64
+    time_embedding: bool = True  # input embedding of the bucketed gap to the previous event
+    action_embedding: bool = True
+    position_embedding: bool = True
+    l2_norm: bool = True  # cosine scoring with a temperature (HSTU's retrieval setting)
+    temperature: float = 0.05
+    ffn: Literal["none", "dense", "moe"] = "none"
+    ffn_dim: int = 256
+    group_norm: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    attention_backend: Literal["auto", "xla", "triton"] = "auto"
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+    multiscale: MultiScaleConfig = dataclasses.field(default_factory=MultiScaleConfig)
+    tasks: TaskHeadsConfig = dataclasses.field(default_factory=TaskHeadsConfig)
+    decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    beta: float = 0.1
+    # Checkpoint of the frozen reference model (defaults to the run's own --resume point).
+    reference: str | None = None
+    num_steps: int = 200
+    learning_rate: float = 1e-4
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    stage: Literal["ugt", "rqvae", "dpo"] = "ugt"
+    num_steps: int = 2000
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.98
+    max_grad_norm: float = 1.0
+    # "softmax": full softmax over the catalogue; "sampled_softmax": shared negatives
+    # drawn from the popularity distribution with log-Q correction.
+    loss: Literal["softmax", "sampled_softmax"] = "softmax"
+    num_negatives: int = 512
+    contrastive_weight: float = 0.0  # lambda_1 of the in-batch InfoNCE term
+    multitask_weight: float = 1.0
+    decoder_weight: float = 1.0
+    retrieval_weight: float = 1.0
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    seed: int = 0
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    ks: list[int] = dataclasses.field(default_factory=lambda: [1, 5, 10, 20, 50])
+    exclude_history: bool = False
+    batch_size: int = 512
+    # Users evaluated by the periodic (validation) evaluation during training; 0 = all.
+    max_users: int = 0
+    baselines: bool = True
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    # Sizes of the four mesh axes; -1 = take all remaining devices.
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+
+@dataclasses.dataclass
+class RQVAEConfig:
+    codebook_sizes: list[int] = dataclasses.field(default_factory=lambda: [256, 256, 256])
+    latent_dim: int = 32
+    hidden_dims: list[int] = dataclasses.field(default_factory=lambda: [256, 128])
+    commitment_weight: float = 0.25
+    num_steps: int = 3000
+    batch_size: int = 1024
+    learning_rate: float = 1e-3
+    dead_code_every: int = 200  # restart unused codes every this many steps (0 = never)
+    # Where item content vectors come from: "content" (data set features), "cooccurrence"
+    # (item-item co-occurrence factorisation), or "file" (an .npy matrix, path below).
+    features: Literal["content", "cooccurrence", "file"] = "content"
+    features_path: str | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    batch_buckets: list[int] = dataclasses.field(default_factory=lambda: [1, 4, 16, 64])
+    seq_buckets: list[int] = dataclasses.field(default_factory=lambda: [16, 64])
+    max_wait_ms: float = 2.0
+    queue_size: int = 1024
+    timeout_ms: float = 1000.0
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    prefix_cache_users: int = 10000
+    beam_width: int = 16
+    max_k: int = 100
+    rank_micro_batch: int = 256
+    max_candidates: int = 2048
+    max_body_bytes: int = 1_000_000
+
+
+@dataclasses.dataclass
+class Config:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    rqvae: RQVAEConfig = dataclasses.field(default_factory=RQVAEConfig)
+    serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, key: str, msg: str, source: str) -> None:
+    if not cond:
+        raise ConfigError(f"{source}: {key}: {msg}")
+
+
+def validate(cfg: Config, source: str = "<config>") -> Config:
+    """Cross-field checks that types alone cannot express."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    pos = lambda v: v > 0  # noqa: E731
+    for key, val in [
+        ("data.max_seq_len", d.max_seq_len),
+        ("data.batch_size", d.batch_size),
+        ("model.embed_dim", m.embed_dim),
+        ("model.num_layers", m.num_layers),
+        ("model.num_heads", m.num_heads),
+        ("model.attn_dim", m.attn_dim),
+        ("model.linear_dim", m.linear_dim),
+        ("train.num_steps", t.num_steps),
+        ("eval.batch_size", cfg.eval.batch_size),
+    ]:
+        _check(pos(val), key, f"must be > 0, got {val}", source)
+    _check(d.max_seq_len >= 2, "data.max_seq_len", "must be >= 2", source)
+    _check(all(b > 0 for b in d.bucket_sizes), "data.bucket_sizes", "sizes must be > 0", source)
+    _check(sorted(d.bucket_sizes) == list(d.bucket_sizes), "data.bucket_sizes", "must be increasing", source)
+    for key, val in [("model.dropout", m.dropout), ("model.attn_dropout", m.attn_dropout)]:
+        _check(0.0 <= val < 1.0, key, f"must be in [0, 1), got {val}", source)
+    _check(m.temperature > 0, "model.temperature", "must be > 0", source)
+    if m.arch == "sasrec":
+        _check(
+            m.embed_dim % m.num_heads == 0,
+            "model.num_heads",
+            f"must divide model.embed_dim ({m.num_heads} does not divide {m.embed_dim})",
+            source,
+        )
+    if m.ffn == "moe":
+        _check(m.moe.num_experts >= 1, "model.moe.num_experts", "must be >= 1", source)
+        _check(
+            1 <= m.moe.top_k <= m.moe.num_experts,
+            "model.moe.top_k",
+            f"must be in [1, num_experts={m.moe.num_experts}], got {m.moe.top_k}",
+            source,
+        )
+    ms = m.multiscale
+    if ms.enabled:
+        _check(ms.short_len >= 1, "model.multiscale.short_len", "must be >= 1", source)
+        _check(ms.long_window >= 1, "model.multiscale.long_window", "must be >= 1", source)
+    known_tasks = {"engagement", "retention", "monetization", "watch"}
+    bad = [x for x in m.tasks.tasks if x not in known_tasks]
+    _check(not bad, "model.tasks.tasks", f"unknown task(s) {bad}; known: {sorted(known_tasks)}", source)
+    _check(0 < t.warmup_steps <= t.num_steps or t.warmup_steps == 0, "train.warmup_steps",
+           f"must be in [0, train.num_steps={t.num_steps}]", source)
+    _check(t.learning_rate > 0, "train.learning_rate", "must be > 0", source)
+    _check(t.num_negatives > 0, "train.num_negatives", "must be > 0", source)
+    _check(t.dpo.beta > 0, "train.dpo.beta", "must be > 0", source)
+    _check(all(k > 0 for k in cfg.eval.ks), "eval.ks", "must be positive", source)
+    for axis in ("data", "fsdp", "tensor", "expert"):
+        v = getattr(cfg.mesh, axis)
+        _check(v == -1 or v >= 1, f"mesh.{axis}", f"must be -1 (all remaining devices) or >= 1, got {v}", source)
+    _check(sum(getattr(cfg.mesh, a) == -1 for a in ("data", "fsdp", "tensor", "expert")) <= 1,
+           "mesh", "at most one axis may be -1", source)
+    r = cfg.rqvae
+    _check(len(r.codebook_sizes) >= 1 and all(c >= 2 for c in r.codebook_sizes), "rqvae.codebook_sizes",
+           "needs at least one level, each with >= 2 codes", source)
+    _check(0.0 <= r.commitment_weight, "rqvae.commitment_weight", "must be >= 0", source)
+    s = cfg.serve
+    _check(sorted(s.batch_buckets) == list(s.batch_buckets) and all(b > 0 for b in s.batch_buckets),
+           "serve.batch_buckets", "must be positive and increasing", source)
+    _check(sorted(s.seq_buckets) == list(s.seq_buckets) and all(b > 0 for b in s.seq_buckets),
+           "serve.seq_buckets", "must be positive and increasing", source)
+    _check(s.queue_size > 0, "serve.queue_size", "must be > 0", source)
+    return cfg
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check (and gently coerce, e.g. int -> float) ``value`` against type ``tp``."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {key}: must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+        (inner,) = get_args(tp)[:1] or (Any,)
+        return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key, source)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
+    raise ConfigError(f"{source}: {key}: unsupported type {tp}")
+
+
+def _build(cls: type, values: dict, prefix: str, source: str, base: Any = None) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(where + u for u in unknown)}; "
+            f"valid keys of {prefix or 'the top level'}: {', '.join(sorted(fields))}"
+        )
+    obj = base if base is not None else cls()
+    for name, val in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(tp) and isinstance(val, dict):
+            setattr(obj, name, _build(tp, val, key, source, base=current))
+        else:
+            setattr(obj, name, _coerce(val, tp, key, source))
+    return obj
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set model.num_layers=4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: cannot parse value: {e}") from None
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a preset (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    cfg = Config()
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))) if PRESET_DIR.exists() else ""
+            raise ConfigError(f"config file {path} does not exist (presets in configs/: {presets})")
+        source = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+        cfg = _build(Config, raw, "", source, base=cfg)
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        cfg = _build(Config, _nest(keys, value), "", f"--set {item}", base=cfg)
+    return validate(cfg, source if not overrides else f"{source} (with --set overrides)")
+
+
+def config_from_dict(values: dict, source: str = "<dict>") -> Config:
+    return validate(_build(Config, values, "", source, base=Config()), source)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def preset_path(name: str) -> Path:
+    """Path of a preset by name (``tiny``, ``synthetic``, ...), also from an installed package."""
+    p = PRESET_DIR / f"{name}.yaml"
+    if not p.exists():
+        raise ConfigError(f"no preset named {name!r} in {PRESET_DIR}")
+    return p

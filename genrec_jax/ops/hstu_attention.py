@@ -1,0 +1,267 @@
+"""HSTU pointwise attention: the one function the model calls, with a pure-JAX reference.
+
+For query token i and key token j of one sequence (heads handled independently):
+
+    A[i, j] = SiLU(alpha * <q_i, k_j> + rab(i, j)) / n(i)   if mask(i, j) else 0
+    out_i   = sum_j A[i, j] v_j
+
+* mask(i, j): j is a valid key and j <= i (causal). With M-FALCON targets (the last
+  ``num_targets`` tokens of a sequence are candidates), a target sees every history
+  token and itself only, never another candidate.
+* rab(i, j) = pos_bias[p(i) - p(j)] + time_bias[bucket(t_query(i) - t(j))], where p is the
+  token's position (candidates all sit at the position right after the history) and
+  t_query(i) is the time at which token i's prediction is made (the next event's time).
+* n(i) is the constant max length ("max_len", the HSTU paper's choice) or the number of
+  keys token i sees ("causal_count"). Both keep causality: a token's output never
+  depends on later tokens, which is what makes the serving prefix cache exact.
+
+The reference materialises the [B, H, N, N] attention matrix; the Triton kernels in
+``genrec_jax.kernels`` compute the same function tile by tile, and ``backend`` picks one.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Backend = Literal["auto", "xla", "triton"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def time_bucket(delta_seconds: jax.Array, num_buckets: int) -> jax.Array:
+    """Bucket a non-negative time gap (seconds) logarithmically into ``0..num_buckets-1``.
+
+    bucket = floor(log2(1 + dt) * 2) (half-octave buckets: 1 s, ~1.4 s, 2 s, ... capped), so
+    64 buckets span gaps up to about 2^32 s.
+    """
+    dt = jnp.maximum(delta_seconds, 0).astype(jnp.float32)
+    b = jnp.floor(jnp.log2(1.0 + dt) * 2.0).astype(jnp.int32)
+    return jnp.clip(b, 0, num_buckets - 1)
+
+
+def token_positions(lengths: jax.Array, n: int, num_targets: jax.Array | None) -> jax.Array:
+    """Position of every token [B, N]: its index, with M-FALCON candidates clamped to the
+    first candidate slot (each candidate is "the next item" after the same history)."""
+    idx = jnp.arange(n, dtype=jnp.int32)[None, :]
+    if num_targets is None:
+        return jnp.broadcast_to(idx, (lengths.shape[0], n))
+    hist = (lengths - num_targets)[:, None]
+    return jnp.minimum(idx, hist)
+
+
+def attention_mask(
+    lengths: jax.Array, n: int, num_targets: jax.Array | None = None
+) -> jax.Array:
+    """Boolean [B, N, N] mask (query i, key j) for self-attention over padded sequences."""
+    i = jnp.arange(n)[:, None]
+    j = jnp.arange(n)[None, :]
+    valid_k = j < lengths[:, None, None]
+    valid_q = i < lengths[:, None, None]
+    mask = (j <= i) & valid_k & valid_q
+    if num_targets is not None:
+        hist = (lengths - num_targets)[:, None, None]
+        key_is_target = j >= hist
+        mask = mask & (~key_is_target | (i == j))
+    return mask
+
+
+def relative_bias(
+    q_pos: jax.Array,  # [B, Nq]
+    k_pos: jax.Array,  # [B, Nk]
+    pos_bias: jax.Array | None,  # [P] (P = max_len + 1), shared by heads
+    q_time: jax.Array | None,  # [B, Nq] int64/int32 seconds
+    k_time: jax.Array | None,  # [B, Nk]
+    time_bias: jax.Array | None,  # [T] buckets
+) -> jax.Array | None:
+    """rab(i, j) as a [B, 1, Nq, Nk] float array (None when both tables are absent)."""
+    out = None
+    if pos_bias is not None:
+        rel = jnp.clip(q_pos[:, :, None] - k_pos[:, None, :], 0, pos_bias.shape[0] - 1)
+        out = pos_bias[rel]
+    if time_bias is not None:
+        dt = q_time[:, :, None] - k_time[:, None, :]
+        tb = time_bias[time_bucket(dt, time_bias.shape[0])]
+        out = tb if out is None else out + tb
+    return None if out is None else out[:, None, :, :]
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def hstu_attention_dense(
+    q: jax.Array,  # [B, Nq, H, Dqk]
+    k: jax.Array,  # [B, Nk, H, Dqk]
+    v: jax.Array,  # [B, Nk, H, Dv]
+    mask: jax.Array,  # bool [B, Nq, Nk]
+    bias: jax.Array | None,  # [B, 1 or H, Nq, Nk]
+    *,
+    alpha: float,
+    norm: Literal["max_len", "causal_count"],
+    max_len: int,
+) -> jax.Array:
+    """The reference math on an explicit mask and bias; returns [B, Nq, H, Dv]."""
+    dtype = q.dtype
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * alpha
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)
+    a = jax.nn.silu(s)
+    m = mask[:, None, :, :]
+    a = jnp.where(m, a, 0.0)
+    if norm == "max_len":
+        a = a / float(max_len)
+    else:
+        count = jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1).astype(jnp.float32)
+        a = a / count
+    out = jnp.einsum("bhqk,bkhd->bqhd", a.astype(dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(dtype)
+
+
+def hstu_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    *,
+    alpha: float,
+    max_len: int,
+    norm: Literal["max_len", "causal_count"] = "max_len",
+    num_targets: jax.Array | None = None,
+    pos_bias: jax.Array | None = None,
+    time_bias: jax.Array | None = None,
+    timestamps: jax.Array | None = None,
+    query_timestamps: jax.Array | None = None,
+) -> jax.Array:
+    """Self-attention over padded sequences [B, N, H, D] with valid ``lengths`` [B]."""
+    n = q.shape[1]
+    mask = attention_mask(lengths, n, num_targets)
+    pos = token_positions(lengths, n, num_targets)
+    bias = relative_bias(pos, pos, pos_bias, query_timestamps, timestamps, time_bias)
+    return hstu_attention_dense(q, k, v, mask, bias, alpha=alpha, norm=norm, max_len=max_len)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when a CUDA device is present and jax-triton imports (checked once)."""
+    try:
+        if not any(d.platform == "gpu" for d in jax.devices()):
+            return False
+        import jax_triton  # noqa: F401
+
+        from genrec_jax.kernels import hstu_attention as _  # noqa: F401
+    except Exception:  # any import or backend failure means: use the reference
+        return False
+    return True
+
+
+def resolve_backend(backend: Backend) -> Literal["xla", "triton"]:
+    if backend == "xla":
+        return "xla"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                "attention backend 'triton' needs a CUDA GPU and jax-triton "
+                "(pip install 'genrec-jax[gpu]'); use backend 'auto' or 'xla' elsewhere"
+            )
+        return "triton"
+    return "triton" if triton_available() else "xla"
+
+
+def hstu_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    *,
+    alpha: float | None = None,
+    max_len: int,
+    norm: Literal["max_len", "causal_count"] = "max_len",
+    num_targets: jax.Array | None = None,
+    pos_bias: jax.Array | None = None,
+    time_bias: jax.Array | None = None,
+    timestamps: jax.Array | None = None,
+    query_timestamps: jax.Array | None = None,
+    backend: Backend = "auto",
+) -> jax.Array:
+    """HSTU self-attention over padded sequences. q, k: [B, N, H, Dqk]; v: [B, N, H, Dv].
+
+    ``lengths`` [B] valid tokens per row (the rest is padding and returns zeros);
+    ``num_targets`` [B] optional M-FALCON candidates at the end of each row.
+    """
+    if alpha is None:
+        alpha = 1.0 / math.sqrt(q.shape[-1])
+    if time_bias is not None and (timestamps is None or query_timestamps is None):
+        raise ValueError("time_bias needs both timestamps and query_timestamps")
+    kwargs = dict(
+        alpha=alpha,
+        max_len=max_len,
+        norm=norm,
+        num_targets=num_targets,
+        pos_bias=pos_bias,
+        time_bias=time_bias,
+        timestamps=timestamps,
+        query_timestamps=query_timestamps,
+    )
+    if resolve_backend(backend) == "triton":
+        from genrec_jax.kernels.hstu_attention import hstu_attention_triton
+
+        return hstu_attention_triton(q, k, v, lengths, **kwargs)
+    return hstu_attention_reference(q, k, v, lengths, **kwargs)
+
+
+def hstu_attention_cached(
+    q: jax.Array,  # [B, M, H, Dqk] new queries
+    k_cache: jax.Array,  # [B, C, H, Dqk] keys: cached history followed by the new tokens
+    v_cache: jax.Array,  # [B, C, H, Dv]
+    q_positions: jax.Array,  # [B, M] index of each new query within the cache layout
+    kv_lengths: jax.Array,  # [B] valid keys in the cache (history + new)
+    *,
+    alpha: float | None = None,
+    max_len: int,
+    norm: Literal["max_len", "causal_count"] = "max_len",
+    hist_lengths: jax.Array | None = None,  # [B] M-FALCON: keys >= this are candidates
+    pos_bias: jax.Array | None = None,
+    time_bias: jax.Array | None = None,
+    k_timestamps: jax.Array | None = None,  # [B, C]
+    q_timestamps: jax.Array | None = None,  # [B, M]
+    backend: Backend = "auto",
+) -> jax.Array:
+    """A few new queries against a K/V cache (incremental prefill, decode, M-FALCON scoring).
+
+    Query m of row b sits at cache index ``q_positions[b, m]`` and sees keys j <= that index
+    (and j < kv_lengths[b]). With ``hist_lengths`` the keys at or past it are candidates:
+    a candidate query sees the history and itself only, and takes position hist_length
+    for the relative bias. Equal to ``hstu_attention`` on the full sequence, restricted to
+    the new rows (tested).
+    """
+    if alpha is None:
+        alpha = 1.0 / math.sqrt(q.shape[-1])
+    c = k_cache.shape[1]
+    j = jnp.arange(c)[None, None, :]
+    qp = q_positions[:, :, None]
+    mask = (j <= qp) & (j < kv_lengths[:, None, None])
+    k_pos = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32)[None, :], (q.shape[0], c))
+    q_pos = q_positions.astype(jnp.int32)
+    if hist_lengths is not None:
+        hist = hist_lengths[:, None, None]
+        mask = mask & ((j < hist) | (j == qp))
+        k_pos = jnp.minimum(k_pos, hist_lengths[:, None])
+        q_pos = jnp.minimum(q_pos, hist_lengths[:, None])
+    if resolve_backend(backend) == "triton":
+        from genrec_jax.kernels.hstu_attention import hstu_attention_cached_triton
+
+        return hstu_attention_cached_triton(
+            q, k_cache, v_cache, q_positions, kv_lengths, alpha=alpha, max_len=max_len, norm=norm,
+            hist_lengths=hist_lengths, pos_bias=pos_bias, time_bias=time_bias,
+            k_timestamps=k_timestamps, q_timestamps=q_timestamps,
+        )
+    bias = relative_bias(q_pos, k_pos, pos_bias, q_timestamps, k_timestamps, time_bias)
+    return hstu_attention_dense(q, k_cache, v_cache, mask, bias, alpha=alpha, norm=norm, max_len=max_len)

@@ -1,0 +1,163 @@
+"""Device mesh and the one table that maps logical parameter axes onto it.
+
+Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameters and
+optimizer state sharded), ``tensor`` (heads / hidden units / item table rows split),
+``expert`` (MoE experts split; tokens are also split along it outside the experts).
+
+Parameters name their axes (``embed``, ``heads``, ``mlp``, ``vocab``, ``exp`` ...);
+``LOGICAL_RULES`` says which mesh axis each name is split over. A dimension that does not
+divide evenly stays replicated, so every preset runs on any mesh shape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from genrec_jax.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# logical axis -> mesh axis (or tuple of mesh axes), tried in order.
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp", "expert"),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "exp": ("expert",),
+    "codebook": (),
+    "norm": (),
+}
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Resolve -1 (fill) and check that the axes multiply to the device count."""
+    sizes = {a: getattr(cfg, a) for a in MESH_AXES}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    fill = [a for a, v in sizes.items() if v == -1]
+    if fill:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"mesh: the fixed axes {({a: v for a, v in sizes.items() if v != -1})} multiply to {fixed}, "
+                f"which does not divide the {num_devices} devices present"
+            )
+        sizes[fill[0]] = num_devices // fixed
+    total = math.prod(sizes.values())
+    if total != num_devices:
+        raise ConfigError(
+            f"mesh: axes {sizes} multiply to {total} but {num_devices} devices are present; "
+            "set one axis to -1 to absorb the rest (e.g. --mesh data=-1,tensor=2)"
+        )
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(cfg, len(devices))
+    arr = np.array(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
+    return Mesh(arr, MESH_AXES)
+
+
+def parse_mesh_arg(text: str) -> dict[str, int]:
+    """``data=64,fsdp=8,tensor=4,expert=8`` -> dict (used by --mesh)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise ConfigError(f"--mesh {text!r}: expected axis=size pairs like data=8,tensor=2")
+        name, val = part.split("=", 1)
+        if name not in MESH_AXES:
+            raise ConfigError(f"--mesh: unknown axis {name!r}; axes are {', '.join(MESH_AXES)}")
+        try:
+            out[name] = int(val)
+        except ValueError:
+            raise ConfigError(f"--mesh: size of {name} must be an integer, got {val!r}") from None
+    return out
+
+
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh_sizes: dict[str, int],
+                    rules: dict[str, tuple[str, ...]] = LOGICAL_RULES) -> P:
+    """PartitionSpec for one array: each logical axis takes its mesh axes if they divide the
+    dimension and are not already used by an earlier dimension."""
+    used: set[str] = set()
+    spec: list[Any] = []
+    for name, dim in zip(axes, shape):
+        chosen: list[str] = []
+        for mesh_axis in rules.get(name, ()) if name else ():
+            size = mesh_sizes.get(mesh_axis, 1)
+            if size == 1 or mesh_axis in used:
+                continue
+            if dim % (math.prod(mesh_sizes[a] for a in chosen) * size) == 0:
+                chosen.append(mesh_axis)
+        used.update(chosen)
+        spec.append(None if not chosen else (chosen[0] if len(chosen) == 1 else tuple(chosen)))
+    return P(*spec)
+
+
+def _axes_of(x: Any) -> tuple | None:
+    if isinstance(x, nnx.Variable):
+        return x.get_metadata().get("axes")
+    return None
+
+
+def state_specs(state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+    """PartitionSpecs for an nnx.State (or any pytree of nnx.Variables / arrays)."""
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+
+    def one(x):
+        axes = _axes_of(x)
+        value = x[...] if isinstance(x, nnx.Variable) else x
+        shape = getattr(value, "shape", ())
+        if axes is None or len(axes) != len(shape):
+            return P()
+        return logical_to_spec(axes, shape, sizes, rules)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def named(mesh: Mesh, specs: Any) -> Any:
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def batch_spec(mesh: Mesh, ndim: int, batch_size: int | None = None) -> P:
+    """Split the leading (batch) dimension over the data-parallel axes."""
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    axes = [a for a in LOGICAL_RULES["batch"] if sizes.get(a, 1) > 1]
+    if batch_size is not None:
+        while axes and batch_size % math.prod(sizes[a] for a in axes):
+            axes.pop()
+    lead = None if not axes else (axes[0] if len(axes) == 1 else tuple(axes))
+    return P(lead, *([None] * (ndim - 1)))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    return math.prod(sizes.get(a, 1) for a in LOGICAL_RULES["batch"])
+
+
+def maybe_initialize_distributed() -> bool:
+    """Join a multi-host job when the standard environment variables are set.
+
+    Set ``GENREC_COORDINATOR`` (host:port of process 0), ``GENREC_NUM_PROCESSES`` and
+    ``GENREC_PROCESS_ID`` on every host (or rely on jax's own cluster auto-detection,
+    e.g. SLURM, by setting ``GENREC_DISTRIBUTED=1``). Returns True when initialised.
+    """
+    import os
+
+    coord = os.environ.get("GENREC_COORDINATOR")
+    if coord:
+        jax.distributed.initialize(
+            coordinator_address=coord,
+            num_processes=int(os.environ["GENREC_NUM_PROCESSES"]),
+            process_id=int(os.environ["GENREC_PROCESS_ID"]),
+        )
+        return True
+    if os.environ.get("GENREC_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+        return True
+    return False

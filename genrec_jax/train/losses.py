@@ -1,0 +1,72 @@
+"""Training losses. Every loss returns (scalar, metrics dict) and ignores padding.
+
+* full softmax over the catalogue:   -log softmax(s(u_t, ·))[target_t]
+* sampled softmax with log-Q correction (Yi et al. 2019): K negatives shared by the batch,
+  drawn from q (popularity^0.75 smoothed); every logit is corrected by -log(K·q(i)) so the
+  estimator targets the full softmax; negatives equal to the target are masked.
+* in-batch InfoNCE: each user's last state against the batch's target items.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+NEG_INF = -1e30
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def full_softmax_loss(user_vecs: jax.Array, item_table: jax.Array, targets: jax.Array, mask: jax.Array,
+                      scale: float) -> tuple[jax.Array, dict]:
+    """user_vecs [B, N, D], item_table [V, D] (row 0 = padding), targets [B, N]."""
+    logits = jnp.einsum("bnd,vd->bnv", user_vecs.astype(jnp.float32), item_table.astype(jnp.float32)) * scale
+    logits = logits.at[..., 0].set(NEG_INF)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    loss = _masked_mean(ce, mask)
+    return loss, {"retrieval_loss": loss}
+
+
+def sampled_softmax_loss(user_vecs: jax.Array, item_table: jax.Array, targets: jax.Array, mask: jax.Array,
+                         scale: float, log_q: jax.Array, num_negatives: int, key: jax.Array) -> tuple[jax.Array, dict]:
+    """``log_q`` [V]: log sampling probability of each item (padding row -inf)."""
+    neg = jax.random.categorical(key, log_q, shape=(num_negatives,))  # [K]
+    u = user_vecs.astype(jnp.float32)
+    pos_vec = jnp.take(item_table, targets, axis=0).astype(jnp.float32)  # [B, N, D]
+    pos_logit = jnp.sum(u * pos_vec, -1) * scale - (jnp.log(num_negatives) + jnp.take(log_q, targets))
+    neg_vec = jnp.take(item_table, neg, axis=0).astype(jnp.float32)  # [K, D]
+    neg_logit = jnp.einsum("bnd,kd->bnk", u, neg_vec) * scale - (jnp.log(num_negatives) + log_q[neg])
+    neg_logit = jnp.where(neg[None, None, :] == targets[..., None], NEG_INF, neg_logit)
+    logits = jnp.concatenate([pos_logit[..., None], neg_logit], axis=-1)
+    ce = -jax.nn.log_softmax(logits, axis=-1)[..., 0]
+    loss = _masked_mean(ce, mask)
+    return loss, {"retrieval_loss": loss}
+
+
+def sampling_log_q(item_counts: jax.Array, power: float = 0.75) -> jax.Array:
+    """log q(i) proportional to (count + 1)^power; padding item never sampled."""
+    w = jnp.power(item_counts.astype(jnp.float32) + 1.0, power)
+    w = w.at[0].set(0.0)
+    return jnp.log(w / jnp.sum(w))
+
+
+def infonce_loss(user_last: jax.Array, target_vecs: jax.Array, valid: jax.Array, scale: float,
+                 target_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """user_last [B, D] against target_vecs [B, D]; row b's positive is column b.
+
+    Columns whose target item equals row b's target (duplicates in the batch) are not
+    treated as negatives.
+    """
+    logits = jnp.einsum("bd,cd->bc", user_last.astype(jnp.float32), target_vecs.astype(jnp.float32)) * scale
+    col_ok = valid[None, :]
+    if target_ids is not None:
+        dup = (target_ids[:, None] == target_ids[None, :]) & ~jnp.eye(len(target_ids), dtype=bool)
+        col_ok = col_ok & ~dup
+    logits = jnp.where(col_ok, logits, NEG_INF)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(logits.shape[0]))
+    loss = _masked_mean(ce, valid)
+    return loss, {"contrastive_loss": loss}
