@@ -92,6 +92,9 @@ class TaskHeadsConfig:
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["engagement", "retention", "monetization", "watch"])
     hidden_dim: int = 128
     interaction: bool = True  # DLRM-style pairwise interaction feeding the heads
+    # M-FALCON training: the last events of each training row become candidate tokens
+    # (they see the history and themselves only) labelled with their actions.
+    num_candidates: int = 4
 
 
 @dataclasses.dataclass
@@ -103,6 +106,10 @@ class DecoderConfig:
     ffn_dim: int = 256
     use_moe: bool = False
     dropout: float = 0.1
+    # Folder with the RQ-VAE's item -> code table (codes.npy); default: <run dir>/semantic_ids.
+    codes_dir: str | None = None
+    # Encoder positions per sequence trained with the decoder loss (the last one always).
+    positions_per_seq: int = 4
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from genrec_jax.data.sequences import EvalSet, collate_eval, collate_train
+from genrec_jax.data.sequences import CollateOptions, EvalSet, collate_eval, collate_train
 from genrec_jax.data.types import EventSequences
 
 
@@ -32,10 +32,13 @@ class LoaderState:
 
 
 class TrainLoader:
-    def __init__(self, seqs: EventSequences, *, batch_size: int, max_len: int, bucket_sizes: list[int], seed: int):
+    def __init__(self, seqs: EventSequences, *, batch_size: int, max_len: int, bucket_sizes: list[int], seed: int,
+                 options: CollateOptions | None = None):
         self.seqs, self.batch_size, self.max_len, self.seed = seqs, batch_size, max_len, seed
-        self.buckets = bucket_sizes_for(max_len, bucket_sizes)
-        in_len = np.minimum(np.maximum(seqs.lengths - 1, 0), max_len)
+        self.options = options or CollateOptions()
+        cap = min(max_len, self.options.short_len) if self.options.multiscale else max_len
+        self.buckets = bucket_sizes_for(cap, bucket_sizes)
+        in_len = np.minimum(np.maximum(seqs.lengths - 1, 0), cap)
         self.rows = np.nonzero(in_len > 0)[0]
         if len(self.rows) == 0:
             raise ValueError("no training sequences with at least two events")
@@ -75,7 +78,7 @@ class TrainLoader:
             plan = self._get_plan(self.state.epoch)
         pad_len, rows = plan[self.state.index]
         self.state = LoaderState(self.state.epoch, self.state.index + 1)
-        return collate_train(self.seqs, rows, pad_len, self.max_len)
+        return collate_train(self.seqs, rows, pad_len, self.max_len, self.options)
 
     def state_dict(self) -> dict[str, int]:
         return self.state.to_dict()
@@ -84,7 +87,8 @@ class TrainLoader:
         self.state = LoaderState(int(d["epoch"]), int(d["index"]))
 
 
-def eval_batches(es: EvalSet, *, batch_size: int, max_len: int, max_users: int = 0, seed: int = 0):
+def eval_batches(es: EvalSet, *, batch_size: int, max_len: int, max_users: int = 0, seed: int = 0,
+                 options: CollateOptions | None = None):
     """Fixed-shape evaluation batches over (a deterministic subset of) the users."""
     rows = np.arange(len(es))
     if 0 < max_users < len(rows):
@@ -93,4 +97,4 @@ def eval_batches(es: EvalSet, *, batch_size: int, max_len: int, max_users: int =
         chunk = rows[s : s + batch_size]
         if len(chunk) < batch_size:
             chunk = np.concatenate([chunk, np.full(batch_size - len(chunk), -1, np.int64)])
-        yield collate_eval(es, chunk, max_len)
+        yield collate_eval(es, chunk, max_len, options)

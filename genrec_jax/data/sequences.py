@@ -67,50 +67,124 @@ def leave_one_out(seqs: EventSequences, min_len: int = 3) -> LeaveOneOut:
 # --------------------------------------------------------------------------- collation
 
 
+@dataclasses.dataclass(frozen=True)
+class CollateOptions:
+    """What a batch carries beyond the plain next-item inputs.
+
+    num_candidates: M-FALCON training: the last ``num_candidates`` events of a row become
+        candidate tokens (item known, action unknown) whose actions are the ranking labels.
+    long_window / max_long_tokens: multi-scale encoder: events older than the most recent
+        ``short_len`` are grouped into windows of ``long_window`` events (the most recent
+        ``max_long_tokens`` windows are kept) and pooled by the model.
+    context: add request-context ids (hour of day, weekday of the request time).
+    """
+
+    num_candidates: int = 0
+    unknown_action: int = 0
+    short_len: int = 0
+    long_window: int = 0
+    max_long_tokens: int = 0
+    context: bool = False
+    user_features: np.ndarray | None = None
+
+    @property
+    def multiscale(self) -> bool:
+        return self.short_len > 0 and self.long_window > 0 and self.max_long_tokens > 0
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
 def _pad(rows: list[np.ndarray], width: int, dtype, fill=0) -> np.ndarray:
     out = np.full((len(rows), width), fill, dtype=dtype)
     for i, r in enumerate(rows):
+        r = np.asarray(r)
         out[i, : len(r)] = r
     return out
 
 
-def collate_train(seqs: EventSequences, rows: np.ndarray, pad_len: int, max_len: int) -> dict[str, np.ndarray]:
+def request_context(abs_ts: int) -> np.ndarray:
+    """Context ids of a request at unix time ``abs_ts``: [hour of day, weekday]."""
+    return np.array([(abs_ts // 3600) % 24, (abs_ts // 86400 + 3) % 7], np.int32)  # 1970-01-01 was a Thursday
+
+
+def _long_windows(items, actions, ts, end: int, opts: CollateOptions, origin: int):
+    """Windows of the events before index ``end`` (oldest window first, most recent kept)."""
+    w, cap = opts.long_window, opts.max_long_tokens
+    li = np.zeros((cap, w), np.int32)
+    la = np.zeros((cap, w), np.int32)
+    lt = np.zeros(cap, np.int64)
+    start = max(0, end - w * cap)
+    n_ev = end - start
+    n_win = -(-n_ev // w) if n_ev > 0 else 0
+    for k in range(n_win):  # window k covers events [end - (n_win - k) * w, ...) clipped at start
+        hi = end - (n_win - 1 - k) * w
+        lo = max(start, hi - w)
+        li[k, : hi - lo] = items[lo:hi]
+        la[k, : hi - lo] = actions[lo:hi]
+        lt[k] = ts[hi - 1] - origin
+    return li, la, lt, n_win
+
+
+def collate_train(seqs: EventSequences, rows: np.ndarray, pad_len: int, max_len: int,
+                  opts: CollateOptions | None = None) -> dict[str, np.ndarray]:
     """Next-item training batch: inputs are events ``t``, targets events ``t + 1``.
 
     ``rows`` may contain -1 for empty filler rows (length 0, contribute no loss), which
-    keeps every batch the same size without dropping data.
+    keeps every batch the same size without dropping data. With ``opts.num_candidates``
+    the last M events of a row are appended as M-FALCON candidate tokens instead.
     """
-    cols: dict[str, list] = {k: [] for k in ("items", "actions", "ts", "qts", "tgt", "tact", "twatch")}
-    lengths, users = [], []
+    opts = opts or CollateOptions()
+    keys = ("items", "actions", "ts", "qts", "tgt", "tact", "twatch", "cact", "cwatch")
+    cols: dict[str, list] = {k: [] for k in keys}
+    lengths, users, ntargets, ctx, li_all, la_all, lt_all, nlong = [], [], [], [], [], [], [], []
+    short_cap = min(pad_len, opts.short_len) if opts.multiscale else pad_len
     for r in rows:
-        if r < 0:
+        ev = seqs.row(int(r)) if r >= 0 else None
+        L = len(ev["items"]) if ev is not None else 0
+        m = min(opts.num_candidates, max(L - 2, 0))
+        n_hist = min(L - 1 - m, short_cap - m) if L - m >= 2 else 0
+        if n_hist <= 0:
             for v in cols.values():
                 v.append(np.zeros(0))
             lengths.append(0)
-            users.append(0)
+            ntargets.append(0)
+            users.append(int(seqs.user_index[r]) if r >= 0 else 0)
+            ctx.append(np.zeros(2, np.int32))
+            if opts.multiscale:
+                li_all.append(np.zeros((opts.max_long_tokens, opts.long_window), np.int32))
+                la_all.append(np.zeros((opts.max_long_tokens, opts.long_window), np.int32))
+                lt_all.append(np.zeros(opts.max_long_tokens, np.int64))
+                nlong.append(0)
             continue
-        ev = seqs.row(int(r))
         items, acts, ts, wr = ev["items"], ev["actions"], ev["timestamps"], ev["watch_ratio"]
-        n_in = min(len(items) - 1, max_len, pad_len)
-        if n_in <= 0:
-            for v in cols.values():
-                v.append(np.zeros(0))
-            lengths.append(0)
-            users.append(int(seqs.user_index[r]))
-            continue
-        sl_in = slice(len(items) - 1 - n_in, len(items) - 1)
-        sl_tg = slice(len(items) - n_in, len(items))
-        origin = ts[sl_in][0]
-        cols["items"].append(items[sl_in])
-        cols["actions"].append(acts[sl_in])
-        cols["ts"].append(ts[sl_in] - origin)
-        cols["qts"].append(ts[sl_tg] - origin)
-        cols["tgt"].append(items[sl_tg])
-        cols["tact"].append(acts[sl_tg])
-        cols["twatch"].append(wr[sl_tg])
-        lengths.append(n_in)
+        c0 = L - m  # first candidate (== L when m == 0)
+        h0 = c0 - 1 - n_hist  # first history input
+        sl_in = slice(h0, c0 - 1)
+        sl_tg = slice(h0 + 1, c0)
+        origin = ts[h0]
+        req_ts = ts[c0 - 1] if m == 0 else ts[c0]
+        cand_ts = np.full(m, ts[c0] - origin) if m else np.zeros(0, np.int64)
+        cols["items"].append(np.concatenate([items[sl_in], items[c0:]]))
+        cols["actions"].append(np.concatenate([acts[sl_in], np.full(m, opts.unknown_action)]))
+        cols["ts"].append(np.concatenate([ts[sl_in] - origin, cand_ts]))
+        cols["qts"].append(np.concatenate([ts[sl_tg] - origin, cand_ts]))
+        cols["tgt"].append(np.concatenate([items[sl_tg], np.zeros(m)]))
+        cols["tact"].append(np.concatenate([acts[sl_tg], np.zeros(m)]))
+        cols["twatch"].append(np.concatenate([wr[sl_tg], np.zeros(m)]))
+        cols["cact"].append(np.concatenate([np.zeros(n_hist), acts[c0:]]))
+        cols["cwatch"].append(np.concatenate([np.zeros(n_hist), wr[c0:]]))
+        lengths.append(n_hist + m)
+        ntargets.append(m)
         users.append(int(seqs.user_index[r]))
-    return {
+        ctx.append(request_context(int(req_ts)))
+        if opts.multiscale:
+            li, la, lt, nw = _long_windows(items, acts, ts, h0, opts, origin)
+            li_all.append(li)
+            la_all.append(la)
+            lt_all.append(lt)
+            nlong.append(nw)
+    batch = {
         "items": _pad(cols["items"], pad_len, np.int32),
         "actions": _pad(cols["actions"], pad_len, np.int32),
         "timestamps": _pad(cols["ts"], pad_len, np.int32),
@@ -121,13 +195,35 @@ def collate_train(seqs: EventSequences, rows: np.ndarray, pad_len: int, max_len:
         "lengths": np.asarray(lengths, np.int32),
         "user_index": np.asarray(users, np.int32),
     }
+    if opts.num_candidates:
+        batch["num_targets"] = np.asarray(ntargets, np.int32)
+        batch["cand_actions"] = _pad(cols["cact"], pad_len, np.int32)
+        batch["cand_watch"] = _pad(cols["cwatch"], pad_len, np.float32)
+    _add_multiscale(batch, opts, ctx, li_all, la_all, lt_all, nlong)
+    return batch
 
 
-def collate_eval(es: EvalSet, rows: np.ndarray, pad_len: int) -> dict[str, np.ndarray]:
+def _add_multiscale(batch, opts: CollateOptions, ctx, li_all, la_all, lt_all, nlong) -> None:
+    if opts.context:
+        batch["context"] = np.stack(ctx).astype(np.int32)
+    if opts.user_features is not None:
+        uf = opts.user_features[batch["user_index"]].astype(np.float32)
+        batch["user_features"] = np.where(batch["lengths"][:, None] > 0, uf, 0.0).astype(np.float32)
+    if opts.multiscale:
+        batch["long_items"] = np.stack(li_all).astype(np.int32)
+        batch["long_actions"] = np.stack(la_all).astype(np.int32)
+        batch["long_timestamps"] = np.stack(lt_all).astype(np.int32)
+        batch["num_long"] = np.asarray(nlong, np.int32)
+
+
+def collate_eval(es: EvalSet, rows: np.ndarray, pad_len: int, opts: CollateOptions | None = None) -> dict[str, np.ndarray]:
     """Evaluation batch: the last ``pad_len`` history events, the held-out target, and the
     full (untruncated) history item ids for optional exclusion. ``rows`` may hold -1 fillers."""
+    opts = opts or CollateOptions()
     items, acts, ts, qts, lengths, full_hist = [], [], [], [], [], []
-    targets, tact, twatch, valid, users = [], [], [], [], []
+    targets, tact, twatch, valid, users, ctx = [], [], [], [], [], []
+    li_all, la_all, lt_all, nlong = [], [], [], []
+    short_cap = min(pad_len, opts.short_len) if opts.multiscale else pad_len
     for r in rows:
         if r < 0:
             for lst in (items, acts, ts, qts, full_hist):
@@ -138,10 +234,17 @@ def collate_eval(es: EvalSet, rows: np.ndarray, pad_len: int) -> dict[str, np.nd
             twatch.append(0.0)
             valid.append(False)
             users.append(0)
+            ctx.append(np.zeros(2, np.int32))
+            if opts.multiscale:
+                li_all.append(np.zeros((opts.max_long_tokens, opts.long_window), np.int32))
+                la_all.append(np.zeros((opts.max_long_tokens, opts.long_window), np.int32))
+                lt_all.append(np.zeros(opts.max_long_tokens, np.int64))
+                nlong.append(0)
             continue
         ev = es.history.row(int(r))
-        n = min(len(ev["items"]), pad_len)
-        sl = slice(len(ev["items"]) - n, len(ev["items"]))
+        L = len(ev["items"])
+        n = min(L, short_cap)
+        sl = slice(L - n, L)
         t = ev["timestamps"][sl]
         target_ts = int(es.target_timestamps[r])
         origin = t[0] if n else target_ts
@@ -156,7 +259,14 @@ def collate_eval(es: EvalSet, rows: np.ndarray, pad_len: int) -> dict[str, np.nd
         twatch.append(float(es.target_watch[r]))
         valid.append(n > 0)
         users.append(int(es.history.user_index[r]))
-    return {
+        ctx.append(request_context(target_ts))
+        if opts.multiscale:
+            li, la, lt, nw = _long_windows(ev["items"], ev["actions"], ev["timestamps"], L - n, opts, origin)
+            li_all.append(li)
+            la_all.append(la)
+            lt_all.append(lt)
+            nlong.append(nw)
+    batch = {
         "items": _pad(items, pad_len, np.int32),
         "actions": _pad(acts, pad_len, np.int32),
         "timestamps": _pad(ts, pad_len, np.int32),
@@ -169,3 +279,5 @@ def collate_eval(es: EvalSet, rows: np.ndarray, pad_len: int) -> dict[str, np.nd
         "user_index": np.asarray(users, np.int32),
         "history_items": full_hist,  # ragged, host side only
     }
+    _add_multiscale(batch, opts, ctx, li_all, la_all, lt_all, nlong)
+    return batch

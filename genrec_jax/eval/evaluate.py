@@ -38,13 +38,14 @@ def evaluate_model(
     item_vectors: np.ndarray | None = None,
     progress: bool = True,
     desc: str = "eval",
+    options=None,
 ) -> dict[str, float]:
     """HR@K / NDCG@K / MRR over the full catalogue, plus coverage, ILD, novelty and Gini."""
     k = min(max(ks), num_items)
     acc = MetricAccumulator(ks=ks, item_vectors=item_vectors)
     hist_width = max(1, int(es.history.lengths.max(initial=1))) if exclude_history else 1
     n = len(es) if not max_users else min(max_users, len(es))
-    batches = eval_batches(es, batch_size=batch_size, max_len=max_len, max_users=max_users)
+    batches = eval_batches(es, batch_size=batch_size, max_len=max_len, max_users=max_users, options=options)
     for batch in tqdm(batches, total=-(-n // batch_size), desc=desc, disable=not progress, leave=False):
         valid = batch["valid_rows"]
         hist = pad_histories(batch["history_items"], hist_width) if exclude_history else None

@@ -22,7 +22,7 @@ from genrec_jax import sharding as shd
 from genrec_jax.config import Config, dump_yaml, to_dict
 from genrec_jax.data.batching import TrainLoader
 from genrec_jax.data.registry import load_dataset
-from genrec_jax.data.sequences import LeaveOneOut, leave_one_out
+from genrec_jax.data.sequences import CollateOptions, LeaveOneOut, leave_one_out
 from genrec_jax.data.types import Dataset
 from genrec_jax.eval.evaluate import evaluate_baselines, evaluate_model, format_table
 from genrec_jax.model.recommender import build_model
@@ -71,6 +71,21 @@ def write_run_files(run_dir: Path, cfg: Config, ds: Dataset, max_len: int) -> No
     atomic_write_json(run_dir / "items.json", [str(x) for x in ds.item_ids])
 
 
+def collate_options(cfg: Config, ds: Dataset, train: bool) -> CollateOptions:
+    """Batch contents the model config asks for (M-FALCON candidates, multi-scale inputs)."""
+    m = cfg.model
+    ms = m.multiscale
+    return CollateOptions(
+        num_candidates=m.tasks.num_candidates if (m.tasks.enabled and train) else 0,
+        unknown_action=ds.num_actions,
+        short_len=ms.short_len if ms.enabled else 0,
+        long_window=ms.long_window if ms.enabled else 0,
+        max_long_tokens=ms.max_long_tokens if ms.enabled else 0,
+        context=ms.enabled and ms.num_context_tokens > 0,
+        user_features=ds.user_features if (ms.enabled and ms.user_profile_dim > 0 and ds.user_features is not None) else None,
+    )
+
+
 def item_vectors_for_diversity(ds: Dataset) -> np.ndarray | None:
     return ds.item_features.dense_matrix() if ds.item_features is not None else None
 
@@ -94,11 +109,21 @@ def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: b
             f"data.batch_size={cfg.data.batch_size} must be divisible by the data-parallel mesh size "
             f"{shd.data_parallel_size(mesh)} (data x fsdp x expert)"
         )
+    ms = cfg.model.multiscale
+    if ms.enabled and ms.user_profile_dim > 0:
+        have = None if ds.user_features is None else ds.user_features.shape[1]
+        if have != ms.user_profile_dim:
+            raise shd.ConfigError(
+                f"model.multiscale.user_profile_dim={ms.user_profile_dim} but data set {ds.name!r} has "
+                f"{'no user features' if have is None else f'{have} user features'}; set it to "
+                f"{have or 0}"
+            )
     model = build_model(cfg.model, num_items=ds.num_items, num_actions=ds.num_actions, max_len=max_len,
-                        seed=cfg.train.seed)
+                        seed=cfg.train.seed, action_names=tuple(ds.action_names))
     steps = StepBuilder(model, cfg.train, mesh, item_counts=ds.item_popularity(split.train))
     loader = TrainLoader(split.train, batch_size=cfg.data.batch_size, max_len=max_len,
-                         bucket_sizes=cfg.data.bucket_sizes, seed=cfg.train.seed)
+                         bucket_sizes=cfg.data.bucket_sizes, seed=cfg.train.seed,
+                         options=collate_options(cfg, ds, train=True))
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints)
     ctx = RunContext(cfg, run_dir, ds, split, steps, loader, ckpt, MetricsLogger(run_dir), progress=progress)
@@ -146,6 +171,7 @@ def eval_hook(ctx: RunContext, step: int, metrics: dict) -> None:
         ctx.steps, ctx.state["params"], ctx.split.valid, num_items=ctx.dataset.num_items,
         max_len=ctx.cfg.data.max_seq_len, ks=ctx.cfg.eval.ks, batch_size=ctx.cfg.eval.batch_size,
         exclude_history=ctx.cfg.eval.exclude_history, max_users=ctx.cfg.eval.max_users, progress=False,
+        options=collate_options(ctx.cfg, ctx.dataset, train=False),
     )
     ctx.logger.log(step, "valid", res)
     ctx.last_metrics.update({f"val_{k}": v for k, v in res.items() if k in ("HR@10", "NDCG@10")})
@@ -202,6 +228,7 @@ def final_evaluation(ctx: RunContext) -> dict[str, dict[str, float]]:
         ctx.steps, ctx.state["params"], ctx.split.test, num_items=ds.num_items, max_len=cfg.data.max_seq_len,
         ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, exclude_history=cfg.eval.exclude_history,
         item_popularity=pop, item_vectors=vectors, progress=ctx.progress, desc="test",
+        options=collate_options(cfg, ds, train=False),
     )
     if cfg.eval.baselines:
         rows.update(evaluate_baselines(

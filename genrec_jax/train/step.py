@@ -78,17 +78,50 @@ def compute_loss(model, batch: dict, key: jax.Array, obj: Objective, log_q: jax.
     metrics.update(m)
     total = total + obj.retrieval_weight * rl
     if obj.contrastive_weight > 0:
-        last = model.last_states(u, lengths)
-        tgt = jnp.take_along_axis(batch["targets"], jnp.maximum(lengths - 1, 0)[:, None], axis=1)[:, 0]
-        cl, m = losses.infonce_loss(last, jnp.take(table, tgt, axis=0), lengths > 0, scale, tgt)
+        # The last history token of each row (M-FALCON candidates, if any, come after it).
+        hist_len = lengths - batch["num_targets"] if "num_targets" in batch else lengths
+        last = model.last_states(u, hist_len)
+        tgt = jnp.take_along_axis(batch["targets"], jnp.maximum(hist_len - 1, 0)[:, None], axis=1)[:, 0]
+        cl, m = losses.infonce_loss(last, jnp.take(table, tgt, axis=0), (hist_len > 0) & (tgt > 0), scale, tgt)
         metrics.update(m)
         total = total + obj.contrastive_weight * cl
+    if getattr(model, "tasks", None) is not None and "num_targets" in batch and obj.multitask_weight > 0:
+        tl, m = multitask_loss(model, states, batch)
+        metrics.update(m)
+        total = total + obj.multitask_weight * tl
     for name, val in aux.items():  # e.g. MoE balance / z losses, already weighted
         metrics[name] = val
         if name.endswith("_loss"):
             total = total + val
     metrics["loss"] = total
     return total, metrics
+
+
+def candidate_features(model, states: jax.Array, batch: dict):
+    """Inputs of the ranking heads for every token position: the token's own state, its
+    item embedding, and the row's last history state (+ the user-profile vector)."""
+    lengths, nt = batch["lengths"], batch["num_targets"]
+    hist_last = jnp.maximum(lengths - nt - 1, 0)
+    user = jnp.take_along_axis(states, hist_last[:, None, None], axis=1)[:, 0]
+    item = model.item_emb(batch["items"])
+    profile = None
+    if getattr(model, "profile_proj", None) is not None and "user_features" in batch:
+        profile = model.profile_proj(batch["user_features"].astype(jnp.float32))
+    return states, item, user, profile
+
+
+def multitask_loss(model, states: jax.Array, batch: dict):
+    """Ranking heads on the M-FALCON candidate tokens, labelled by their real actions."""
+    from genrec_jax.model.heads import task_labels
+
+    n = states.shape[1]
+    j = jnp.arange(n)[None, :]
+    lengths, nt = batch["lengths"], batch["num_targets"]
+    mask = (j >= (lengths - nt)[:, None]) & (j < lengths[:, None])
+    cand, item, user, profile = candidate_features(model, states, batch)
+    logits = model.tasks(cand, item, user, profile)
+    labels = task_labels(batch["cand_actions"], batch["cand_watch"], model.action_names, model.tasks.tasks)
+    return model.tasks.losses(logits, labels, mask)
 
 
 class StepBuilder:

@@ -1,0 +1,112 @@
+"""Mixture-of-experts feed-forward block (OneRec's MoE FFN).
+
+    p      = softmax(W_r · x)                       router probabilities over E experts
+    S      = top-k(p)                               chosen experts per token
+    g_e    = p_e / Σ_{e' in S} p_e'   (e in S)      gates, summing to 1 over the chosen
+    y      = Σ_{e in S} g_e · W2_e · GELU(W1_e · x)
+
+Two executions of the same routing:
+* ``dropless``: token copies sorted by expert and pushed through a grouped matmul
+  (``jax.lax.ragged_dot``): every token reaches its experts, no capacity, no padding;
+* ``dense``: every expert on every token, combined with the (mostly zero) gates. Slower,
+  but works on any JAX version; both give the same output (tested).
+
+Auxiliary losses: Switch-style load balance E · Σ_e f_e · P_e (f_e: share of routed token
+copies, P_e: mean router probability) and the router z-loss mean(logsumexp(logits)²).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from genrec_jax.config import MoEConfig
+from genrec_jax.model.layers import dropout, param
+
+HAS_RAGGED_DOT = hasattr(jax.lax, "ragged_dot")
+
+
+class MoEFFN(nnx.Module):
+    def __init__(self, embed_dim: int, cfg: MoEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 routing: str | None = None):
+        self.cfg, self.dtype = cfg, dtype
+        self.routing = routing or cfg.routing
+        if self.routing == "dropless" and not HAS_RAGGED_DOT:
+            self.routing = "dense"
+        e, f = cfg.num_experts, cfg.expert_dim
+        self.router = param(rngs, nnx.initializers.normal(0.02), (embed_dim, e), ("embed", None))
+        self.w1 = param(rngs, nnx.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=(0,)),
+                        (e, embed_dim, f), ("exp", "embed", "mlp"))
+        self.b1 = param(rngs, nnx.initializers.zeros, (e, f), ("exp", "mlp"))
+        self.w2 = param(rngs, nnx.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=(0,)),
+                        (e, f, embed_dim), ("exp", "mlp", "embed"))
+        self.b2 = param(rngs, nnx.initializers.zeros, (e, embed_dim), ("exp", "embed"))
+
+    def route(self, x: jax.Array):
+        """Router logits [T, E], chosen experts [T, k] and their gates [T, k]."""
+        logits = jnp.dot(x.astype(jnp.float32), self.router[...])
+        probs = jax.nn.softmax(logits, axis=-1)
+        top_p, top_e = jax.lax.top_k(probs, self.cfg.top_k)
+        gates = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+        return logits, probs, top_e, gates
+
+    def _experts_dense(self, x, top_e, gates):
+        h = jnp.einsum("td,edf->tef", x, self.w1[...].astype(self.dtype)) + self.b1[...].astype(self.dtype)
+        y = jnp.einsum("tef,efd->ted", jax.nn.gelu(h), self.w2[...].astype(self.dtype)) + self.b2[...].astype(self.dtype)
+        combine = jnp.sum(jax.nn.one_hot(top_e, self.cfg.num_experts, dtype=gates.dtype) * gates[..., None], axis=1)
+        return jnp.einsum("ted,te->td", y, combine.astype(y.dtype))
+
+    def _experts_dropless(self, x, top_e, gates):
+        t, k = top_e.shape
+        e = self.cfg.num_experts
+        flat_e = top_e.reshape(-1)  # [T*k]
+        order = jnp.argsort(flat_e, stable=True)
+        token_of = order // k  # source token of each sorted copy
+        xs = jnp.take(x, token_of, axis=0)  # [T*k, D]
+        sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
+        es = flat_e[order]
+        h = jax.lax.ragged_dot(xs, self.w1[...].astype(self.dtype), sizes) + jnp.take(self.b1[...], es, axis=0).astype(self.dtype)
+        y = jax.lax.ragged_dot(jax.nn.gelu(h), self.w2[...].astype(self.dtype), sizes)
+        y = y + jnp.take(self.b2[...], es, axis=0).astype(self.dtype)
+        g = gates.reshape(-1)[order].astype(y.dtype)
+        return jnp.zeros_like(x).at[token_of].add(y * g[:, None])
+
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None, key: jax.Array | None = None,
+                 routing: str | None = None):
+        """x [..., D] -> (y [..., D], aux). ``valid`` marks real tokens (padding is excluded
+        from the balance statistics)."""
+        shape = x.shape
+        xt = x.reshape(-1, shape[-1]).astype(self.dtype)
+        logits, probs, top_e, gates = self.route(xt)
+        mode = routing or self.routing
+        y = self._experts_dropless(xt, top_e, gates) if mode == "dropless" else self._experts_dense(xt, top_e, gates)
+        m = jnp.ones(xt.shape[0], jnp.float32) if valid is None else valid.reshape(-1).astype(jnp.float32)
+        denom = jnp.maximum(jnp.sum(m), 1.0)
+        e = self.cfg.num_experts
+        assign = jnp.sum(jax.nn.one_hot(top_e, e), axis=1) * m[:, None]  # [T, E] copies per expert
+        load = jnp.sum(assign, axis=0) / (denom * self.cfg.top_k)  # f_e, sums to 1
+        importance = jnp.sum(probs * m[:, None], axis=0) / denom  # P_e
+        balance = e * jnp.sum(load * importance)
+        z = jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * m) / denom
+        aux = {
+            "moe_balance_loss": self.cfg.balance_loss_weight * balance,
+            "moe_z_loss": self.cfg.z_loss_weight * z,
+            "moe_load_max": jnp.max(load) * e,  # 1.0 = perfectly even
+            "moe_load_min": jnp.min(load) * e,
+        }
+        return y.reshape(shape).astype(x.dtype), aux
+
+
+class DenseFFN(nnx.Module):
+    """Plain two-layer GELU feed-forward block with the same call signature as MoEFFN."""
+
+    def __init__(self, embed_dim: int, ffn_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32, dropout_rate: float = 0.0):
+        from genrec_jax.model.layers import Dense
+
+        self.fc1 = Dense(embed_dim, ffn_dim, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = Dense(ffn_dim, embed_dim, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
+        self.dropout_rate = dropout_rate
+
+    def __call__(self, x, valid=None, key=None):
+        return self.fc2(dropout(jax.nn.gelu(self.fc1(x)), self.dropout_rate, key)), {}
