@@ -106,16 +106,17 @@ def _axes_of(x: Any) -> tuple | None:
 
 
 def state_specs(state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
-    """PartitionSpecs for an nnx.State (or any pytree of nnx.Variables / arrays)."""
+    """PartitionSpecs for an nnx.State (or any pytree of nnx.Variables / arrays), in the
+    same tree structure (each Variable now holds its PartitionSpec)."""
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
 
     def one(x):
         axes = _axes_of(x)
         value = x[...] if isinstance(x, nnx.Variable) else x
         shape = getattr(value, "shape", ())
-        if axes is None or len(axes) != len(shape):
-            return P()
-        return logical_to_spec(axes, shape, sizes, rules)
+        spec = P() if axes is None or len(axes) != len(shape) else logical_to_spec(axes, shape, sizes, rules)
+        # Keep the Variable wrapper so the result has the state's exact tree structure.
+        return x.replace(spec) if isinstance(x, nnx.Variable) else spec
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
