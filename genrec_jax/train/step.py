@@ -42,6 +42,11 @@ def make_optimizer(tcfg: TrainConfig, num_steps: int | None = None, learning_rat
     ), schedule
 
 
+def _global_norm(tree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
 @dataclasses.dataclass
 class Objective:
     """Which loss terms to compute, and their weights (from TrainConfig)."""
@@ -71,12 +76,28 @@ def compute_loss(model, batch: dict, key: jax.Array, obj: Objective, log_q: jax.
     scale = model.logit_scale()
     metrics: dict[str, jax.Array] = {}
     total = 0.0
-    if obj.loss == "softmax":
-        rl, m = losses.full_softmax_loss(u, table, batch["targets"], mask, scale)
-    else:
-        rl, m = losses.sampled_softmax_loss(u, table, batch["targets"], mask, scale, log_q, obj.num_negatives, k_neg)
-    metrics.update(m)
-    total = total + obj.retrieval_weight * rl
+    if obj.retrieval_weight > 0:  # 0 = decoder-only training (semantic-ID decoder)
+        if obj.loss == "softmax":
+            rl, m = losses.full_softmax_loss(u, table, batch["targets"], mask, scale)
+        else:
+            rl, m = losses.sampled_softmax_loss(u, table, batch["targets"], mask, scale, log_q, obj.num_negatives,
+                                                k_neg)
+        metrics.update(m)
+        total = total + obj.retrieval_weight * rl
+    # --- semantic-ID decoder: next-item code prediction from memory s_0..s_i at sampled positions i
+    if getattr(model, "decoder", None) is not None and obj.decoder_weight > 0:
+        from genrec_jax.semantic_ids.decoder import decoder_loss
+
+        dec_len = lengths - batch["num_targets"] if "num_targets" in batch else lengths
+        k_pos, k_dec = jax.random.split(jax.random.fold_in(key, 0x5EC1D))
+        dl, m = decoder_loss(model.decoder, model.item_codes[...], states, dec_len, batch["targets"], k_pos,
+                             model.cfg.decoder.positions_per_seq, dropout_key=k_dec)
+        for name, val in m.items():
+            metrics[name] = val
+            if name.endswith("_loss") and name != "decoder_loss":  # MoE aux terms, already weighted
+                total = total + val
+        total = total + obj.decoder_weight * dl
+    # --- end semantic-ID decoder
     if obj.contrastive_weight > 0:
         # The last history token of each row (M-FALCON candidates, if any, come after it).
         hist_len = lengths - batch["num_targets"] if "num_targets" in batch else lengths
@@ -222,7 +243,7 @@ class StepBuilder:
                 (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(state["params"])
                 updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
                 params = optax.apply_updates(state["params"], updates)
-                metrics["grad_norm"] = optax.global_norm(grads)
+                metrics["grad_norm"] = _global_norm(grads)
                 new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
                 return new, metrics
 
