@@ -162,13 +162,14 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: Backend) -> Literal["xla", "triton"]:
+def resolve_backend(backend: Backend, op: str = "attention") -> Literal["xla", "triton"]:
+    """'xla' or 'triton' for ``backend``; ``op`` names the caller in the error message."""
     if backend == "xla":
         return "xla"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(
-                "attention backend 'triton' needs a CUDA GPU and jax-triton "
+                f"{op} backend 'triton' needs a CUDA GPU and jax-triton "
                 "(pip install 'genrec-jax[gpu]'); use backend 'auto' or 'xla' elsewhere"
             )
         return "triton"
