@@ -108,8 +108,12 @@ class DecoderConfig:
     dropout: float = 0.1
     # Folder with the RQ-VAE's item -> code table (codes.npy); default: <run dir>/semantic_ids.
     codes_dir: str | None = None
-    # Encoder positions per sequence trained with the decoder loss (the last one always).
+    # Encoder positions per sequence trained with the decoder loss (the last one always;
+    # 0 = every position).
     positions_per_seq: int = 4
+    # --- semantic-ID generation (added with genrec_jax.semantic_ids)
+    # Beams kept per level by the trie-constrained beam search (raised to k when smaller).
+    beam_width: int = 20
 
 
 @dataclasses.dataclass
@@ -214,6 +218,14 @@ class RQVAEConfig:
     features: Literal["content", "cooccurrence", "file"] = "content"
     features_path: str | None = None
     seed: int = 0
+    # --- added with genrec_jax.semantic_ids
+    cooccurrence_dim: int = 64  # SVD width of the "cooccurrence" item vectors
+    cooccurrence_window: int = 3  # events apart that still count as co-occurring
+    # Codes of the final de-duplication level; 0 = max(2 x largest collision group, 8),
+    # leaving room for cold-start items.
+    dedup_size: int = 0
+    log_every: int = 100
+    checkpoint_every: int = 1000  # RQ-VAE checkpoints for --resume (0 = only the last)
 
 
 @dataclasses.dataclass
@@ -230,6 +242,14 @@ class ServeConfig:
     rank_micro_batch: int = 256
     max_candidates: int = 2048
     max_body_bytes: int = 1_000_000
+    # --- added with genrec_jax.serve
+    # New tokens per returning-user request computed against the prefix cache (each a
+    # compiled shape); a request with more new events than the largest is recomputed whole.
+    extend_buckets: list[int] = dataclasses.field(default_factory=lambda: [1, 4, 16])
+    max_history_len: int = 1024  # events per request (the model sees the most recent max_len)
+    max_exclude: int = 1024  # distinct excluded items per request (exclude_items + history)
+    prefix_cache_mb: float = 1024.0  # device memory of the per-user K/V cache (also <= prefix_cache_users)
+    cold_start_capacity: int = 1024  # items POST /v1/items may add (the item table is padded to fit them)
 
 
 @dataclasses.dataclass
@@ -310,12 +330,49 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     _check(len(r.codebook_sizes) >= 1 and all(c >= 2 for c in r.codebook_sizes), "rqvae.codebook_sizes",
            "needs at least one level, each with >= 2 codes", source)
     _check(0.0 <= r.commitment_weight, "rqvae.commitment_weight", "must be >= 0", source)
+    for key, val in [("rqvae.latent_dim", r.latent_dim), ("rqvae.num_steps", r.num_steps),
+                     ("rqvae.batch_size", r.batch_size), ("rqvae.cooccurrence_dim", r.cooccurrence_dim),
+                     ("rqvae.cooccurrence_window", r.cooccurrence_window), ("rqvae.log_every", r.log_every)]:
+        _check(val > 0, key, f"must be > 0, got {val}", source)
+    _check(all(h > 0 for h in r.hidden_dims), "rqvae.hidden_dims", "sizes must be > 0", source)
+    _check(r.learning_rate > 0, "rqvae.learning_rate", "must be > 0", source)
+    _check(r.dead_code_every >= 0, "rqvae.dead_code_every", "must be >= 0", source)
+    _check(r.checkpoint_every >= 0, "rqvae.checkpoint_every", "must be >= 0", source)
+    _check(r.dedup_size >= 0, "rqvae.dedup_size", "must be >= 0 (0 = automatic)", source)
+    _check(r.features != "file" or bool(r.features_path), "rqvae.features_path",
+           "rqvae.features=file needs the path of an .npy item matrix", source)
+    dc = m.decoder
+    if dc.enabled:
+        for key, val in [("model.decoder.num_layers", dc.num_layers), ("model.decoder.num_heads", dc.num_heads),
+                         ("model.decoder.head_dim", dc.head_dim), ("model.decoder.ffn_dim", dc.ffn_dim),
+                         ("model.decoder.beam_width", dc.beam_width)]:
+            _check(val > 0, key, f"must be > 0, got {val}", source)
+        _check(0.0 <= dc.dropout < 1.0, "model.decoder.dropout", f"must be in [0, 1), got {dc.dropout}", source)
+        _check(dc.positions_per_seq >= 0, "model.decoder.positions_per_seq", "must be >= 0 (0 = every position)",
+               source)
+        if dc.use_moe:
+            _check(1 <= m.moe.top_k <= m.moe.num_experts, "model.moe.top_k",
+                   f"must be in [1, num_experts={m.moe.num_experts}], got {m.moe.top_k}", source)
+    _check(t.retrieval_weight >= 0 and t.decoder_weight >= 0, "train.retrieval_weight",
+           "loss weights must be >= 0", source)
+    _check(t.retrieval_weight > 0 or (dc.enabled and t.decoder_weight > 0), "train.retrieval_weight",
+           "is 0 (decoder-only training) but the decoder is off: set model.decoder.enabled=true "
+           "and train.decoder_weight > 0", source)
     s = cfg.serve
     _check(sorted(s.batch_buckets) == list(s.batch_buckets) and all(b > 0 for b in s.batch_buckets),
            "serve.batch_buckets", "must be positive and increasing", source)
     _check(sorted(s.seq_buckets) == list(s.seq_buckets) and all(b > 0 for b in s.seq_buckets),
            "serve.seq_buckets", "must be positive and increasing", source)
     _check(s.queue_size > 0, "serve.queue_size", "must be > 0", source)
+    _check(sorted(s.extend_buckets) == list(s.extend_buckets) and all(b > 0 for b in s.extend_buckets),
+           "serve.extend_buckets", "must be positive and increasing", source)
+    for key, val in [("serve.max_k", s.max_k), ("serve.beam_width", s.beam_width),
+                     ("serve.rank_micro_batch", s.rank_micro_batch), ("serve.max_candidates", s.max_candidates),
+                     ("serve.max_body_bytes", s.max_body_bytes), ("serve.max_history_len", s.max_history_len),
+                     ("serve.max_exclude", s.max_exclude), ("serve.timeout_ms", s.timeout_ms)]:
+        _check(val > 0, key, f"must be > 0, got {val}", source)
+    _check(s.max_wait_ms >= 0 and s.prefix_cache_users >= 0 and s.prefix_cache_mb >= 0 and s.cold_start_capacity >= 0,
+           "serve", "max_wait_ms, prefix_cache_users, prefix_cache_mb and cold_start_capacity must be >= 0", source)
     return cfg
 
 
@@ -369,6 +426,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

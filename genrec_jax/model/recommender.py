@@ -35,7 +35,7 @@ class Recommender(nnx.Module):
     """HSTU / SASRec retrieval model. ``cfg`` is the model section of the config."""
 
     def __init__(self, cfg: ModelConfig, *, num_items: int, num_actions: int, max_len: int, rngs: nnx.Rngs,
-                 action_names: tuple[str, ...] = ()):
+                 action_names: tuple[str, ...] = (), item_codes=None, code_sizes=None):
         self.cfg = cfg
         self.action_names = tuple(action_names)
         self.num_items, self.num_actions, self.max_len = num_items, num_actions, max_len
@@ -85,6 +85,16 @@ class Recommender(nnx.Module):
         self.final_norm = GroupLayerNorm(d, rngs=rngs) if cfg.group_norm else LayerNorm(d, rngs=rngs)
         self.tasks = TaskHeads(d, cfg.tasks, rngs=rngs, dtype=self.dtype,
                                with_profile=ms.enabled and ms.user_profile_dim > 0) if cfg.tasks.enabled else None
+        # --- semantic-ID decoder (genrec_jax.semantic_ids): None unless cfg.decoder.enabled.
+        if cfg.decoder.enabled:
+            from genrec_jax.semantic_ids.decoder import ItemCodes, SemanticIDDecoder, check_item_codes
+
+            codes, sizes = check_item_codes(item_codes, code_sizes, num_items)
+            self.decoder = SemanticIDDecoder(d, sizes, cfg.decoder, moe=cfg.moe, rngs=rngs, dtype=self.dtype)
+            self.item_codes = ItemCodes(codes)  # non-param state, reloaded from <codes_dir>/codes.npy
+        else:
+            self.decoder = self.item_codes = None
+        # --- end semantic-ID decoder
 
     # ----------------------------------------------------------------- embeddings
 
@@ -219,7 +229,8 @@ class Recommender(nnx.Module):
         for layer, cache in zip(self.layers, caches):
             x, cache = layer.extend(x, cache, start, ctx, k_timestamps=k_timestamps, candidates=candidates)
             new_caches.append(cache)
-        return self.final_norm(x), new_caches
+        out = self.final_norm(x, ctx.token_types) if self.cfg.group_norm else self.final_norm(x)
+        return out, new_caches
 
     # ----------------------------------------------------------------- retrieval head
 
@@ -282,6 +293,8 @@ def _positions(lengths: jax.Array, n: int, num_targets: jax.Array | None) -> jax
 
 
 def build_model(cfg: ModelConfig, *, num_items: int, num_actions: int, max_len: int, seed: int = 0,
-                action_names: tuple[str, ...] = ()) -> Recommender:
+                action_names: tuple[str, ...] = (), item_codes=None, code_sizes=None) -> Recommender:
+    """``item_codes`` int [N + 1, L] and ``code_sizes``: the semantic IDs the decoder writes, needed
+    when ``cfg.decoder.enabled`` (see ``genrec_jax.semantic_ids.train_rqvae.load_item_codes``)."""
     return Recommender(cfg, num_items=num_items, num_actions=num_actions, max_len=max_len, rngs=nnx.Rngs(seed),
-                       action_names=action_names)
+                       action_names=action_names, item_codes=item_codes, code_sizes=code_sizes)

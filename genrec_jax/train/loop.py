@@ -118,8 +118,17 @@ def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: b
                 f"{'no user features' if have is None else f'{have} user features'}; set it to "
                 f"{have or 0}"
             )
+    item_codes = code_sizes = None
+    if cfg.model.decoder.enabled:  # semantic-ID decoder: the RQ-VAE stage's item -> code table
+        from genrec_jax.semantic_ids.train_rqvae import load_item_codes, semantic_ids_dir
+
+        item_codes, code_sizes = load_item_codes(semantic_ids_dir(run_dir, cfg.model.decoder.codes_dir))
+        if len(item_codes) != ds.num_items + 1:
+            raise RunDirError(f"the semantic IDs cover {len(item_codes) - 1} items but data set {ds.name!r} has "
+                              f"{ds.num_items}: rerun `python train.py --stage rqvae` with this config")
     model = build_model(cfg.model, num_items=ds.num_items, num_actions=ds.num_actions, max_len=max_len,
-                        seed=cfg.train.seed, action_names=tuple(ds.action_names))
+                        seed=cfg.train.seed, action_names=tuple(ds.action_names),
+                        item_codes=item_codes, code_sizes=code_sizes)
     steps = StepBuilder(model, cfg.train, mesh, item_counts=ds.item_popularity(split.train))
     loader = TrainLoader(split.train, batch_size=cfg.data.batch_size, max_len=max_len,
                          bucket_sizes=cfg.data.bucket_sizes, seed=cfg.train.seed,
@@ -230,6 +239,19 @@ def final_evaluation(ctx: RunContext) -> dict[str, dict[str, float]]:
         item_popularity=pop, item_vectors=vectors, progress=ctx.progress, desc="test",
         options=collate_options(cfg, ds, train=False),
     )
+    if cfg.model.decoder.enabled:  # beam-searched semantic IDs, same users and protocol
+        from genrec_jax.semantic_ids.generative_eval import evaluate_generative
+        from genrec_jax.semantic_ids.trie import Trie
+
+        model = ctx.steps.model(ctx.state["params"])
+        rows["generative"] = evaluate_generative(
+            model, ctx.split.test, trie=Trie.from_item_codes(np.asarray(model.item_codes[...]),
+                                                             model.decoder.code_sizes),
+            max_len=cfg.data.max_seq_len, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size,
+            beam_width=cfg.model.decoder.beam_width, exclude_history=cfg.eval.exclude_history,
+            item_popularity=pop, item_vectors=vectors, options=collate_options(cfg, ds, train=False),
+            progress=ctx.progress, desc="test (beam search)",
+        )
     if cfg.eval.baselines:
         rows.update(evaluate_baselines(
             ctx.split.train, ctx.split.test, num_items=ds.num_items, ks=cfg.eval.ks,
@@ -253,7 +275,8 @@ def run(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: boo
             save_checkpoint(ctx, ctx.step)
         results = final_evaluation(ctx) if evaluate else {}
         if results:
-            ks = [f"HR@{k}" for k in (10,) if k in cfg.eval.ks] + [f"NDCG@{k}" for k in (10,) if k in cfg.eval.ks]
+            shown = (5, 10) if cfg.model.decoder.enabled else (10,)  # generative rows: TIGER's columns
+            ks = [f"HR@{k}" for k in shown if k in cfg.eval.ks] + [f"NDCG@{k}" for k in shown if k in cfg.eval.ks]
             cols = ks + ["MRR", "Coverage", "Gini"]
             log(f"\nTest set, leave-one-out, full ranking over {ctx.dataset.num_items} items "
                 f"({len(ctx.split.test)} users):\n" + format_table(results, cols))

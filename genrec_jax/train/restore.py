@@ -38,9 +38,15 @@ def load_trained(run_dir: str | Path, step: int | None = None) -> TrainedModel:
     cfg = load_config(run_dir / "config.yaml")
     info = read_json(run_dir / "dataset.json")
     item_ids = read_json(run_dir / "items.json")
+    item_codes = code_sizes = None
+    if cfg.model.decoder.enabled:  # the decoder's item -> semantic ID table (not in the train state)
+        from genrec_jax.semantic_ids.train_rqvae import load_item_codes, semantic_ids_dir
+
+        item_codes, code_sizes = load_item_codes(semantic_ids_dir(run_dir, cfg.model.decoder.codes_dir))
     model = build_model(cfg.model, num_items=info["num_items"], num_actions=info["num_actions"],
                         max_len=info["max_len"], seed=cfg.train.seed,
-                        action_names=tuple(info.get("action_names", ())))
+                        action_names=tuple(info.get("action_names", ())), item_codes=item_codes,
+                        code_sizes=code_sizes)
     from genrec_jax.train.step import StepBuilder  # local: step imports heavy optax machinery
 
     steps = StepBuilder(model, cfg.train, make_mesh(MeshConfig(data=1), devices=_first_device()))

@@ -1,0 +1,147 @@
+"""Trie-constrained beam search over semantic IDs, under ``jax.jit`` with a KV cache.
+
+The driver only calls three functions, so the same loop runs the JAX decoder here, in
+``serve.py``, and the exported ONNX graphs::
+
+    cross = prefill(states, lengths)                              once per request
+    cache = init_cache(batch, beam_width)                         zeros
+    logits, cache = decode_step(prev_codes, level, cache, cross)  once per level
+
+At level t every live beam is extended by the children its trie node allows (codes the
+trie does not allow never become candidates, i.e. score -inf); the best W of the
+W x max_fanout candidates survive, and the self-attention cache is re-gathered to follow
+its beams. A hypothesis' score is the sum of its codes' log-probabilities. Since every item
+has exactly one path, the k final beams are k distinct real items. Slots left empty (fewer
+than k valid items in reach) come back as item 0 with score -inf.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from genrec_jax.semantic_ids.trie import Trie
+
+
+def beam_search(
+    prefill: Callable,
+    decode_step: Callable,
+    init_cache: Callable,
+    trie: Trie,
+    states: jax.Array,
+    lengths: jax.Array,
+    *,
+    beam_width: int,
+    k: int,
+    renormalize: bool = False,
+    uniform_last_level: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Top-``k`` items (int32 [B, k], best first) and their log-prob scores [B, k].
+
+    ``beam_width`` (W) must be >= k. ``renormalize``: take each level's softmax over the
+    codes the trie allows only (instead of the full codebook). ``uniform_last_level``: score
+    the de-duplication level as uniform over a prefix's items (-log #siblings) instead of the
+    learnt logits -- the de-dup code carries no content, and a cold-start item's slot was
+    never a training target, so this is how freshly added items compete with their siblings.
+    """
+    if k > beam_width:
+        raise ValueError(f"beam_width ({beam_width}) must be >= k ({k})")
+    b = states.shape[0]
+    w = beam_width
+    num_levels = trie.num_levels
+    cross = prefill(states, lengths)
+    cache = init_cache(b, w)
+    node = jnp.zeros((b, w), jnp.int32)
+    prev = jnp.zeros((b, w), jnp.int32)
+    score = jnp.where(jnp.arange(w)[None, :] == 0, 0.0, -jnp.inf) * jnp.ones((b, 1), jnp.float32)
+    for level in range(num_levels):
+        logits, cache = decode_step(prev, level, cache, cross)  # [B, W, K]
+        if renormalize:
+            logits = trie.mask_logits(level, node, logits)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        codes, nxt, valid = trie.children(level, node)  # [B, W, F]
+        f = codes.shape[-1]
+        step_logp = jnp.take_along_axis(logp, codes, axis=-1)
+        if uniform_last_level and level == num_levels - 1:
+            siblings = jnp.maximum(jnp.sum(valid, axis=-1, keepdims=True), 1).astype(jnp.float32)
+            step_logp = jnp.broadcast_to(-jnp.log(siblings), step_logp.shape)
+        cand = score[..., None] + step_logp
+        cand = jnp.where(valid & jnp.isfinite(score)[..., None], cand, -jnp.inf).reshape(b, w * f)
+        width = w if level < num_levels - 1 else k
+        take = min(width, w * f)
+        top, idx = jax.lax.top_k(cand, take)
+        if take < width:  # fewer candidates than beams: pad with empty beams
+            top = jnp.concatenate([top, jnp.full((b, width - take), -jnp.inf)], axis=1)
+            idx = jnp.concatenate([idx, jnp.zeros((b, width - take), idx.dtype)], axis=1)
+        alive = jnp.isfinite(top)
+        parent = idx // f
+        prev = jnp.where(alive, jnp.take_along_axis(codes.reshape(b, w * f), idx, axis=1), 0)
+        node = jnp.where(alive, jnp.take_along_axis(nxt.reshape(b, w * f), idx, axis=1), 0).astype(jnp.int32)
+        score = top
+        if level < num_levels - 1:
+            sel = parent[None, :, :, None, None, None]
+            cache = type(cache)(*(jnp.take_along_axis(c, sel, axis=2) for c in cache))
+    return jnp.where(jnp.isfinite(score), node, 0).astype(jnp.int32), score
+
+
+def decoder_beam_search(decoder, trie: Trie, states: jax.Array, lengths: jax.Array, *, beam_width: int, k: int,
+                        renormalize: bool = False, uniform_last_level: bool = False):
+    """``beam_search`` driven by a :class:`SemanticIDDecoder`'s own prefill / decode_step."""
+    return beam_search(decoder.prefill, decoder.decode_step, decoder.init_cache, trie, states, lengths,
+                       beam_width=beam_width, k=k, renormalize=renormalize, uniform_last_level=uniform_last_level)
+
+
+def memory_of(model, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Encoder states [B, N, D] and lengths of a Recommender on an (eval) batch."""
+    states, _ = model.encode(batch)
+    return states, batch["lengths"]
+
+
+def recommend(model, trie: Trie, batch: dict, *, beam_width: int, k: int, renormalize: bool = False,
+              uniform_last_level: bool = False):
+    """Encode the histories and beam-search the next items: (items [B, k], scores [B, k])."""
+    if getattr(model, "decoder", None) is None:
+        raise ValueError("the model has no semantic-ID decoder (model.decoder.enabled=false)")
+    states, lengths = memory_of(model, batch)
+    return decoder_beam_search(model.decoder, trie, states, lengths, beam_width=beam_width, k=k,
+                               renormalize=renormalize, uniform_last_level=uniform_last_level)
+
+
+def make_recommend_fn(model, *, beam_width: int, k: int, renormalize: bool = False,
+                      uniform_last_level: bool = False) -> Callable:
+    """A jitted ``fn(state, batch, trie) -> (items, scores)`` for ``nnx.split(model)``'s graph;
+    call it with the state from ``nnx.split(model)[1]`` (or the train state's params merged
+    with the rest)."""
+    graphdef = nnx.graphdef(model)
+
+    @jax.jit
+    def fn(state, batch, trie):
+        m = nnx.merge(graphdef, state)
+        return recommend(m, trie, batch, beam_width=beam_width, k=k, renormalize=renormalize,
+                         uniform_last_level=uniform_last_level)
+
+    return fn
+
+
+def score_all_items(decoder, item_codes: jax.Array, states: jax.Array, lengths: jax.Array, *,
+                    renormalize_trie: Trie | None = None) -> jax.Array:
+    """Exhaustive scores [B, V] (log-prob of every item's full code; column 0 = -inf): the
+    reference beam search approximates. Costs one teacher-forced pass per item: tiny
+    catalogues (tests) only."""
+    cross = decoder.prefill(states, lengths)
+    b = states.shape[0]
+    v = item_codes.shape[0]
+    codes = jnp.broadcast_to(item_codes[None], (b, v, item_codes.shape[1]))
+    logits, _ = decoder(codes, cross)
+    total = jnp.zeros((b, v), jnp.float32)
+    if renormalize_trie is not None:
+        node = jnp.zeros((b, v), jnp.int32)
+    for t, lg in enumerate(logits):
+        if renormalize_trie is not None:
+            lg = renormalize_trie.mask_logits(t, node, lg)
+            node = jnp.maximum(renormalize_trie.step(t, node, codes[..., t]), 0)
+        total = total + jnp.take_along_axis(jax.nn.log_softmax(lg, -1), codes[..., t:t + 1], axis=-1)[..., 0]
+    return total.at[:, 0].set(-jnp.inf)

@@ -1,0 +1,279 @@
+"""Semantic-ID decoder (TIGER / OneRec): writes the next item's code, level by level.
+
+Inputs per level t (0..L-1, the de-duplication level last):
+
+    x_0 = BOS + level_emb[0];   x_t = code_emb_{t-1}[c_{t-1}] + level_emb[t]
+
+Each block (pre-norm)::
+
+    x = x + SelfAttn(LN(x))              causal over the levels written so far
+    x = x + CrossAttn(LN(x), memory)     memory = encoder states s_0..s_i (user history)
+    x = x + FFN(LN(x))                   dense GELU, or the MoE FFN (model.moe)
+
+and ``logits_t = Head_t(LN(x_t))`` over level t's codebook (a separate head per level, as
+levels have different sizes). Training (``decoder_loss``): for a sequence with states
+s_0..s_{n-1} and next items t_0..t_{n-1}, position i decodes codes(t_i) from memory
+s_0..s_i. Serving uses two functions, also what the ONNX export traces::
+
+    prefill(states, lengths)                          -> CrossKV (per-layer K/V of the memory)
+    decode_step(prev_codes, level, self_cache, cross) -> (logits [B, W, K_level], new cache)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from genrec_jax.config import DecoderConfig, MoEConfig
+from genrec_jax.model.layers import Dense, Embed, KeySeq, LayerNorm, dropout, param
+
+NEG_INF = -1e30
+
+
+class ItemCodes(nnx.Variable):
+    """The item -> semantic ID table int32 [N + 1, L] (row 0 padding). Not a parameter: it
+    is never trained, lives in the model's non-param state, and is reloaded from
+    ``<codes_dir>/codes.npy`` rather than from the train-state checkpoint."""
+
+
+class CrossKV(NamedTuple):
+    """Cross-attention keys / values of the memory, stacked over decoder layers."""
+
+    k: jax.Array  # [layers, B, M, H, hd]
+    v: jax.Array  # [layers, B, M, H, hd]
+    valid: jax.Array  # bool [B, M]
+
+
+class SelfKVCache(NamedTuple):
+    """Self-attention keys / values of the levels decoded so far (slot t = level t)."""
+
+    k: jax.Array  # [layers, B, W, L, H, hd]
+    v: jax.Array  # [layers, B, W, L, H, hd]
+
+
+def _attend(q, k, v, mask, eq_scores: str, eq_out: str):
+    s = jnp.einsum(eq_scores, q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    s = jnp.where(mask, s, NEG_INF)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(mask, p, 0.0)  # a row with nothing visible gives zeros, not a uniform mix
+    return jnp.einsum(eq_out, p.astype(v.dtype), v)
+
+
+class DecoderBlock(nnx.Module):
+    def __init__(self, dim: int, memory_dim: int, cfg: DecoderConfig, moe: MoEConfig | None, *,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        h, hd = cfg.num_heads, cfg.head_dim
+        self.num_heads, self.head_dim, self.dropout_rate, self.dtype = h, hd, cfg.dropout, dtype
+        dense = lambda i, o, axes: Dense(i, o, axes=axes, rngs=rngs, dtype=dtype)  # noqa: E731
+        self.self_norm = LayerNorm(dim, rngs=rngs)
+        self.wq, self.wk, self.wv = (dense(dim, h * hd, ("embed", "heads")) for _ in range(3))
+        self.wo = dense(h * hd, dim, ("heads", "embed"))
+        self.cross_norm = LayerNorm(dim, rngs=rngs)
+        self.cq = dense(dim, h * hd, ("embed", "heads"))
+        self.ck, self.cv = (dense(memory_dim, h * hd, ("embed", "heads")) for _ in range(2))
+        self.co = dense(h * hd, dim, ("heads", "embed"))
+        self.ffn_norm = LayerNorm(dim, rngs=rngs)
+        if moe is not None:
+            from genrec_jax.model.moe import MoEFFN
+
+            self.ffn = MoEFFN(dim, moe, rngs=rngs, dtype=dtype)
+        else:
+            from genrec_jax.model.moe import DenseFFN
+
+            self.ffn = DenseFFN(dim, cfg.ffn_dim, rngs=rngs, dtype=dtype, dropout_rate=cfg.dropout)
+
+    def _split(self, t: jax.Array) -> jax.Array:
+        return t.reshape(*t.shape[:-1], self.num_heads, self.head_dim)
+
+    def memory_kv(self, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Cross-attention K, V [B, M, H, hd] of the memory [B, M, Dm]."""
+        return self._split(self.ck(memory)), self._split(self.cv(memory))
+
+    def __call__(self, x, cross_k, cross_v, cross_mask, self_mask, cache=None, level: int | None = None,
+                 key: KeySeq | None = None):
+        """x [B, G, Q, D] (G hypotheses or positions, Q query levels); self keys are x's own
+        (teacher forcing) or the ``cache`` [B, G, L, H, hd] with this step written at slot
+        ``level``. ``self_mask`` broadcasts to [Q, S]; ``cross_mask`` to [B, G, M]."""
+        k_ = key if key is not None else KeySeq(None)
+        h = self.self_norm(x)
+        q, k, v = self._split(self.wq(h)), self._split(self.wk(h)), self._split(self.wv(h))  # [B, G, Q, H, hd]
+        new_cache = None
+        if cache is not None:
+            ck, cv = cache
+            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), level, axis=2)
+            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), level, axis=2)
+            k, v, new_cache = ck, cv, (ck, cv)
+        a = _attend(q, k, v, self_mask[None, None, None], "bgqhd,bgshd->bghqs", "bghqs,bgshd->bgqhd")
+        x = x + dropout(self.wo(a.reshape(*a.shape[:3], -1)), self.dropout_rate, k_()).astype(x.dtype)
+        h = self.cross_norm(x)
+        q = self._split(self.cq(h))
+        m = cross_mask[:, :, None, None, :]  # [B, G, 1, 1, M]
+        a = _attend(q, cross_k, cross_v, m, "bgqhd,bmhd->bghqm", "bghqm,bmhd->bgqhd")
+        x = x + dropout(self.co(a.reshape(*a.shape[:3], -1)), self.dropout_rate, k_()).astype(x.dtype)
+        f, aux = self.ffn(self.ffn_norm(x), None, k_())
+        x = x + dropout(f, self.dropout_rate, k_()).astype(x.dtype)
+        return x, aux, new_cache
+
+
+class SemanticIDDecoder(nnx.Module):
+    """Causal decoder over semantic-ID codes with cross-attention to encoder states."""
+
+    def __init__(self, memory_dim: int, code_sizes: Sequence[int], cfg: DecoderConfig, *,
+                 moe: MoEConfig | None = None, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg = cfg
+        self.code_sizes = tuple(int(k) for k in code_sizes)
+        self.num_levels = len(self.code_sizes)
+        self.dim = d = cfg.num_heads * cfg.head_dim
+        self.dtype = dtype
+        self.bos = param(rngs, nnx.initializers.normal(0.02), (d,), ("embed",))
+        self.level_emb = Embed(self.num_levels, d, axes=(None, "embed"), rngs=rngs)
+        self.code_emb = nnx.List([Embed(k, d, axes=("vocab", "embed"), rngs=rngs) for k in self.code_sizes[:-1]])
+        self.blocks = nnx.List([
+            DecoderBlock(d, memory_dim, cfg, moe if cfg.use_moe else None, rngs=rngs, dtype=dtype)
+            for _ in range(cfg.num_layers)
+        ])
+        self.final_norm = LayerNorm(d, rngs=rngs)
+        self.heads = nnx.List([Dense(d, k, axes=("embed", "vocab"), rngs=rngs, dtype=dtype) for k in self.code_sizes])
+
+    # ----------------------------------------------------------------- inputs
+
+    def embed_level(self, prev_codes: jax.Array, level: int) -> jax.Array:
+        """Input vector [..., D] of ``level`` given the previous level's code (ignored at 0)."""
+        if level == 0:
+            x = jnp.broadcast_to(self.bos[...], (*prev_codes.shape, self.dim))
+        else:
+            x = self.code_emb[level - 1](prev_codes)
+        return (x + self.level_emb.embedding[level]).astype(self.dtype)
+
+    def embed_teacher(self, codes: jax.Array, num_levels: int) -> jax.Array:
+        """Inputs [..., T, D] for target ``codes`` [..., >= T - 1] (BOS, c_0, ..., c_{T-2})."""
+        xs = [self.embed_level(codes[..., max(t - 1, 0)], t) for t in range(num_levels)]
+        return jnp.stack(xs, axis=-2)
+
+    # ----------------------------------------------------------------- memory
+
+    def prefill(self, states: jax.Array, lengths: jax.Array) -> CrossKV:
+        """Cross-attention K/V of the memory: states [B, M, Dm] (valid: index < lengths)."""
+        ks, vs = zip(*(blk.memory_kv(states.astype(self.dtype)) for blk in self.blocks))
+        valid = jnp.arange(states.shape[1])[None, :] < lengths[:, None]
+        return CrossKV(jnp.stack(ks), jnp.stack(vs), valid)
+
+    # ----------------------------------------------------------------- teacher forcing
+
+    def __call__(self, codes: jax.Array, cross: CrossKV, memory_mask: jax.Array | None = None,
+                 num_levels: int | None = None, key: jax.Array | None = None):
+        """Logits of every level given the true codes of the earlier ones.
+
+        codes int [B, G, L] (targets), ``memory_mask`` bool [B, G, M] (default: the memory's
+        own validity). Returns (list over levels of [B, G, K_t], aux losses).
+        """
+        t = num_levels or self.num_levels
+        ks = KeySeq(key) if key is not None else None
+        x = self.embed_teacher(codes, t)  # [B, G, T, D]
+        b, g = codes.shape[:2]
+        mm = memory_mask if memory_mask is not None else jnp.broadcast_to(cross.valid[:, None], (b, g, cross.valid.shape[1]))
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        aux_all: dict[str, jax.Array] = {}
+        for i, blk in enumerate(self.blocks):
+            x, aux, _ = blk(x, cross.k[i], cross.v[i], mm, causal, key=ks)
+            for name, val in aux.items():
+                aux_all[name] = aux_all.get(name, 0.0) + val / len(self.blocks)
+        h = self.final_norm(x)
+        return [self.heads[level](h[:, :, level]).astype(jnp.float32) for level in range(t)], aux_all
+
+    # ----------------------------------------------------------------- cached decoding
+
+    def init_cache(self, batch: int, width: int) -> SelfKVCache:
+        shape = (len(self.blocks), batch, width, self.num_levels, self.cfg.num_heads, self.cfg.head_dim)
+        return SelfKVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+
+    def decode_step(self, prev_codes: jax.Array, level: int, cache: SelfKVCache, cross: CrossKV):
+        """One level for W hypotheses per row: prev_codes int [B, W] (the code chosen at
+        ``level - 1``; ignored at level 0), ``level`` a Python int. Returns
+        (logits float32 [B, W, K_level], updated cache)."""
+        x = self.embed_level(prev_codes, level)[:, :, None, :]  # [B, W, 1, D]
+        self_mask = (jnp.arange(self.num_levels) <= level)[None, :]  # [1, L]
+        mm = jnp.broadcast_to(cross.valid[:, None, :], (x.shape[0], x.shape[1], cross.valid.shape[1]))
+        ks, vs = [], []
+        for i, blk in enumerate(self.blocks):
+            x, _, (ck, cv) = blk(x, cross.k[i], cross.v[i], mm, self_mask, cache=(cache.k[i], cache.v[i]), level=level)
+            ks.append(ck)
+            vs.append(cv)
+        logits = self.heads[level](self.final_norm(x[:, :, 0])).astype(jnp.float32)
+        return logits, SelfKVCache(jnp.stack(ks), jnp.stack(vs))
+
+
+# --------------------------------------------------------------------------- training loss
+
+
+def sample_positions(lengths: jax.Array, n: int, per_seq: int, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Positions [B, P] trained with the decoder loss and whether each is real.
+
+    The last valid position is always first; the other P - 1 are drawn without replacement
+    from the earlier ones (Gumbel top-k). ``per_seq`` 0 (or >= n): every position.
+    """
+    b = lengths.shape[0]
+    if per_seq <= 0 or per_seq >= n:
+        pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        return pos, pos < lengths[:, None]
+    last = jnp.maximum(lengths - 1, 0).astype(jnp.int32)
+    if per_seq == 1:
+        return last[:, None], (lengths > 0)[:, None]
+    g = jax.random.gumbel(key, (b, n))
+    earlier = jnp.arange(n)[None, :] < (lengths - 1)[:, None]
+    score = jnp.where(earlier, g, -jnp.inf)
+    top, idx = jax.lax.top_k(score, per_seq - 1)
+    pos = jnp.concatenate([last[:, None], idx.astype(jnp.int32)], axis=1)
+    valid = jnp.concatenate([(lengths > 0)[:, None], jnp.isfinite(top)], axis=1)
+    return pos, valid
+
+
+def decoder_loss(decoder: SemanticIDDecoder, item_codes: jax.Array, states: jax.Array, lengths: jax.Array,
+                 targets: jax.Array, key: jax.Array, positions_per_seq: int, dropout_key: jax.Array | None = None):
+    """Next-token cross entropy of the codes of the next items (mean over levels and the
+    sampled positions). states [B, N, Dm], targets [B, N] next item ids, item_codes [V, L]."""
+    b, n = targets.shape
+    pos, valid = sample_positions(lengths, n, positions_per_seq, key)  # [B, P]
+    tgt = jnp.take_along_axis(targets, pos, axis=1)
+    valid = valid & (tgt > 0)
+    codes = jnp.take(item_codes, tgt, axis=0)  # [B, P, L]
+    memory_mask = (jnp.arange(n)[None, None, :] <= pos[..., None]) & (jnp.arange(n)[None, None, :] < lengths[:, None, None])
+    cross = decoder.prefill(states, lengths)
+    logits, aux = decoder(codes, cross, memory_mask, key=dropout_key)
+    ce = sum(optax.softmax_cross_entropy_with_integer_labels(lg, codes[..., t]) for t, lg in enumerate(logits))
+    ce = ce / len(logits)
+    exact = jnp.stack([jnp.argmax(lg, -1) == codes[..., t] for t, lg in enumerate(logits)], -1).all(-1)
+    w = valid.astype(jnp.float32)
+    denom = jnp.maximum(w.sum(), 1.0)
+    loss = jnp.sum(ce * w) / denom
+    metrics = {"decoder_loss": loss, "decoder_greedy_acc": jnp.sum(exact * w) / denom}
+    for name, val in aux.items():
+        metrics[f"decoder_{name}"] = val
+    return loss, metrics
+
+
+def check_item_codes(item_codes, code_sizes, num_items: int):
+    """Validate the item -> code table for a catalogue of ``num_items``; returns (codes as a
+    jnp int32 [N + 1, L], code sizes). With only ``code_sizes`` (shape planning) the table is
+    all zeros."""
+    import numpy as np
+
+    if item_codes is None and code_sizes is None:
+        raise ValueError(
+            "model.decoder.enabled needs the semantic IDs: pass item_codes (and code_sizes) to build_model; "
+            "they come from `python train.py --stage rqvae` (<run_dir>/semantic_ids/codes.npy)")
+    if item_codes is None:
+        sizes = tuple(int(k) for k in code_sizes)
+        return jnp.zeros((num_items + 1, len(sizes)), jnp.int32), sizes
+    codes = np.asarray(item_codes)
+    if codes.ndim != 2 or len(codes) != num_items + 1:
+        raise ValueError(f"item_codes must be [num_items + 1, L] = [{num_items + 1}, L], got {codes.shape}: "
+                         "were the semantic IDs made for another data set?")
+    sizes = tuple(int(k) for k in code_sizes) if code_sizes is not None else tuple(int(c) + 1 for c in codes.max(0))
+    if len(sizes) != codes.shape[1] or (codes < 0).any() or (codes >= np.asarray(sizes)).any():
+        raise ValueError(f"item_codes do not fit the code sizes {sizes}")
+    return jnp.asarray(codes.astype(np.int32)), sizes
