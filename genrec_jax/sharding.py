@@ -112,7 +112,7 @@ def state_specs(state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
 
     def one(x):
         axes = _axes_of(x)
-        value = x[...] if isinstance(x, nnx.Variable) else x
+        value = (x.get_value() if hasattr(x, "get_value") else x.value) if isinstance(x, nnx.Variable) else x
         shape = getattr(value, "shape", ())
         spec = P() if axes is None or len(axes) != len(shape) else logical_to_spec(axes, shape, sizes, rules)
         # Keep the Variable wrapper so the result has the state's exact tree structure.

@@ -1,0 +1,179 @@
+"""Scale planning without hardware: ``python train.py --config configs/xl.yaml --dry-run --mesh ...``.
+
+The model is built abstractly (``nnx.eval_shape``: shapes only, nothing allocated); each
+parameter's bytes per device follow from its logical axes and the mesh (the same rules the
+trainer shards with). Counted per device:
+
+* params (fp32), gradients (fp32) and AdamW moments (2 x fp32), each divided by the number
+  of devices its PartitionSpec splits it over;
+* activations kept for the backward pass, per layer per token (floats)::
+
+      a_layer = D (input) + H(2dv + 2dqk) (U,V,Q,K) + 2 H dv (A V, its norm) + D (output)
+              [+ top_k F + D for an MoE FFN, 2F + D for a dense FFN]
+
+  plus the attention scores H·N per token (the XLA reference materialises them; the Triton
+  kernel does not: ``--attention triton`` drops that term); tokens per device =
+  batch x N / (data x fsdp x expert), heads split over ``tensor``.
+
+FLOPs per token (forward; training = 3x forward), with n̄ = (N + 1) / 2 keys per query:
+
+    HSTU layer   2 D H (2dv + 2dqk) + 2 H (dqk + dv) n̄ + 2 H dv D
+    MoE FFN      top_k · 4 D F + 2 D E        (dense FFN: 4 D F)
+    retrieval    2 D (V or K + 1)             (full or sampled softmax)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from genrec_jax.config import Config, ConfigError
+from genrec_jax.model.recommender import build_model
+from genrec_jax.sharding import MESH_AXES, LOGICAL_RULES, logical_to_spec, mesh_shape
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass
+class Plan:
+    num_params: int
+    num_params_item_table: int
+    mesh: dict[str, int]
+    bytes_params: float  # per device
+    bytes_grads: float
+    bytes_optimizer: float
+    bytes_activations: float
+    flops_per_token_forward: float
+    tokens_per_device: int
+
+    @property
+    def bytes_total(self) -> float:
+        return self.bytes_params + self.bytes_grads + self.bytes_optimizer + self.bytes_activations
+
+    @property
+    def flops_per_token_train(self) -> float:
+        return 3.0 * self.flops_per_token_forward
+
+
+def abstract_params(cfg: Config, num_items: int, num_actions: int = 5):
+    """nnx.State of ShapeDtypeStructs (with their ``axes`` metadata), nothing allocated."""
+    abs_model = nnx.eval_shape(lambda: build_model(cfg.model, num_items=num_items, num_actions=num_actions,
+                                                   max_len=cfg.data.max_seq_len, seed=0))
+    return nnx.state(abs_model, nnx.Param)
+
+
+def _leaves_with_axes(state):
+    out = []
+    for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+        value = (var.get_value() if hasattr(var, "get_value") else var.value) if isinstance(var, nnx.Variable) else var
+        axes = var.get_metadata().get("axes") if isinstance(var, nnx.Variable) else None
+        out.append((jax.tree_util.keystr(path), tuple(value.shape), axes))
+    return out
+
+
+def shard_factor(shape, axes, mesh: dict[str, int]) -> int:
+    if axes is None:
+        return 1
+    spec = logical_to_spec(axes, shape, mesh, LOGICAL_RULES)
+    f = 1
+    for entry in spec:
+        for a in (entry if isinstance(entry, tuple) else (entry,)):
+            if a is not None:
+                f *= mesh[a]
+    return f
+
+
+def flops_per_token(cfg: Config, num_items: int) -> float:
+    m, n = cfg.model, cfg.data.max_seq_len
+    d, h, dqk, dv = m.embed_dim, m.num_heads, m.attn_dim, m.linear_dim
+    keys = (n + 1) / 2
+    if m.arch == "hstu":
+        layer = 2 * d * h * (2 * dv + 2 * dqk) + 2 * h * (dqk + dv) * keys + 2 * h * dv * d
+    else:  # SASRec: q,k,v,o projections + softmax attention + FFN
+        layer = 8 * d * d + 4 * d * keys + 4 * d * m.ffn_dim
+    if m.ffn == "moe":
+        layer += m.moe.top_k * 4 * d * m.moe.expert_dim + 2 * d * m.moe.num_experts
+    elif m.ffn == "dense":
+        layer += 4 * d * m.ffn_dim
+    vocab = num_items + 1 if cfg.train.loss == "softmax" else cfg.train.num_negatives + 1
+    return m.num_layers * layer + 2 * d * vocab
+
+
+def activation_floats_per_token(cfg: Config, attention: str, tensor: int) -> float:
+    m, n = cfg.model, cfg.data.max_seq_len
+    d, h, dqk, dv = m.embed_dim, m.num_heads, m.attn_dim, m.linear_dim
+    h_local = max(h // tensor, 1) if h % tensor == 0 else h
+    layer = d + h_local * (2 * dv + 2 * dqk) + 2 * h_local * dv + d
+    if m.ffn == "moe":
+        layer += m.moe.top_k * m.moe.expert_dim + d
+    elif m.ffn == "dense":
+        layer += 2 * m.ffn_dim + d
+    if attention == "xla":
+        layer += h_local * n  # the [H, N, N] score matrix, per query token
+    return m.num_layers * layer
+
+
+def make_plan(cfg: Config, mesh: dict[str, int], *, num_items: int, attention: str = "xla") -> Plan:
+    leaves = _leaves_with_axes(abstract_params(cfg, num_items))
+    total = sum(math.prod(s) for _, s, _ in leaves)
+    item_table = sum(math.prod(s) for p, s, _ in leaves if "item_emb" in p)
+    per_dev = sum(math.prod(s) / shard_factor(s, a, mesh) for _, s, a in leaves) * 4.0
+    dp = mesh["data"] * mesh["fsdp"] * mesh["expert"]
+    tokens = max(1, cfg.data.batch_size * cfg.data.max_seq_len // dp)
+    act_bytes = activation_floats_per_token(cfg, attention, mesh["tensor"]) * tokens * (
+        2 if cfg.model.dtype == "bfloat16" else 4)
+    return Plan(
+        num_params=int(total), num_params_item_table=int(item_table), mesh=dict(mesh),
+        bytes_params=per_dev, bytes_grads=per_dev, bytes_optimizer=2 * per_dev, bytes_activations=act_bytes,
+        flops_per_token_forward=float(flops_per_token(cfg, num_items)), tokens_per_device=tokens,
+    )
+
+
+def format_plan(plan: Plan, device_memory_gb: float) -> str:
+    g = lambda b: f"{b / GIB:10.2f} GiB"  # noqa: E731
+    mesh = " x ".join(f"{a}={plan.mesh[a]}" for a in MESH_AXES)
+    lines = [
+        f"mesh                      {mesh}  ({math.prod(plan.mesh.values())} devices)",
+        f"parameters                {plan.num_params:,} ({plan.num_params / 1e9:.2f} B; item table {plan.num_params_item_table / 1e9:.2f} B)",
+        f"FLOPs per token           {plan.flops_per_token_forward / 1e9:.3f} GFLOP forward, {plan.flops_per_token_train / 1e9:.3f} GFLOP train step",
+        f"tokens per device / step  {plan.tokens_per_device:,}",
+        "per device:",
+        f"  params (fp32)          {g(plan.bytes_params)}",
+        f"  gradients (fp32)       {g(plan.bytes_grads)}",
+        f"  AdamW moments (fp32)   {g(plan.bytes_optimizer)}",
+        f"  activations            {g(plan.bytes_activations)}",
+        f"  total                  {g(plan.bytes_total)}   (device memory {device_memory_gb:.0f} GiB)",
+    ]
+    return "\n".join(lines)
+
+
+def dry_run_main(cfg: Config, *, device_memory_gb: float = 80.0, mesh_arg: str | None = None,
+                 out=sys.stdout) -> int:
+    """Print the plan; exit code 3 (with advice) when it does not fit the device memory."""
+    devices = math.prod(max(getattr(cfg.mesh, a), 1) for a in MESH_AXES)
+    if any(getattr(cfg.mesh, a) == -1 for a in MESH_AXES):
+        raise ConfigError("--dry-run needs every mesh axis sized explicitly (e.g. --mesh data=64,fsdp=8,tensor=4,expert=8)")
+    mesh = mesh_shape(cfg.mesh, devices)
+    num_items = cfg.data.synthetic.num_items
+    if cfg.data.dataset != "synthetic":
+        print(f"note: planning with the catalogue size data.synthetic.num_items={num_items:,}", file=out)
+    plan = make_plan(cfg, mesh, num_items=num_items, attention="triton" if cfg.model.attention_backend == "triton" else "xla")
+    print(format_plan(plan, device_memory_gb), file=out)
+    if plan.bytes_total > device_memory_gb * GIB:
+        parts = {"params+grads+optimizer": plan.bytes_params * 4, "activations": plan.bytes_activations}
+        worst = max(parts, key=parts.get)
+        advice = ("shard the parameters further (larger fsdp / tensor / expert axes)" if worst != "activations"
+                  else "lower data.batch_size or data.max_seq_len, use the Triton attention kernel, or add data/fsdp devices")
+        print(f"\nDOES NOT FIT: {plan.bytes_total / GIB:.1f} GiB per device > {device_memory_gb:.0f} GiB "
+              f"(largest part: {worst}); {advice}.", file=out)
+        return 3
+    print(f"\nfits: {plan.bytes_total / GIB:.1f} GiB of {device_memory_gb:.0f} GiB per device", file=out)
+    return 0
+
+
+__all__ = ["Plan", "make_plan", "dry_run_main", "flops_per_token", "np"]
