@@ -1,0 +1,293 @@
+#!/usr/bin/env python
+"""In-process serving benchmark (no HTTP): the engine at each batch bucket vs every
+optimisation off.
+
+For each mode -- ``recommend`` (retrieval head top-k), ``generative`` (trie-constrained
+beam search over semantic IDs), ``rank`` (M-FALCON, --rank-candidates per request) and
+``returning`` (recommend for users whose K/V prefix is cached, --new-events new events) --
+and each batch size B, the engine runs batches of B requests back to back:
+
+    latency    = wall time of one batch (every request of it answers then), p50 / p99
+    throughput = B / mean batch time  (requests/s)
+
+then the same model through ``NaiveEngine`` (one request at a time, exact shapes, no
+prefix cache, beam search recomputing every level, ranking re-encoding the history per
+candidate micro-batch); the speed-up is best engine throughput / naive throughput.
+
+FLOPs (stated, not measured): an HSTU layer costs per token 2·D·H·(2·dv + 2·dqk) (W1) +
+2·H·dv·D (W2) and per attended pair 2·H·(dqk + dv); a prefill of n tokens attends
+n(n+1)/2 pairs; retrieval adds 2·N·D per request (N items). The table's TFLOP/s column is
+that model FLOP count / time (``recommend`` rows only).
+
+Examples:
+    python bench/serve_engine.py --config configs/base.yaml                 # the GPU numbers
+    python bench/serve_engine.py --config configs/tiny.yaml --history-len 16 --batch-buckets 1,4,16 \\
+        --rank-candidates 64 --beam 8 --iters 20 --json /tmp/serve_engine.jsonl   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="preset YAML (default: configs/base.yaml, else tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    p.add_argument("--history-len", type=int, default=256)
+    p.add_argument("--num-items", type=int, default=None, help="catalogue size (default: the preset's data)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--beam", type=int, default=16)
+    p.add_argument("--batch-buckets", default="1,2,4,8,16,32,64,128,256")
+    p.add_argument("--rank-candidates", type=int, default=1000)
+    p.add_argument("--rank-micro-batch", type=int, default=256)
+    p.add_argument("--new-events", type=int, default=2, help="returning users: events since their last request")
+    p.add_argument("--modes", default="recommend,generative,rank,returning")
+    p.add_argument("--iters", type=int, default=30, help="timed batches per (mode, batch size)")
+    p.add_argument("--naive-requests", type=int, default=20, help="timed requests of the naive engine per mode")
+    p.add_argument("--no-naive", action="store_true")
+    p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--max-seconds", type=float, default=600.0, help="stop timing a mode after this long")
+    p.add_argument("--json", default=None, help="write one JSON object per table row here")
+    p.add_argument("--plot", default=None, help="PNG of latency vs throughput (needs matplotlib)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def build(args):
+    """A model with random weights at the preset's shapes (speed does not need training),
+    random unique semantic IDs when generative mode is benchmarked, and the two engines."""
+    from genrec_jax.config import load_config, preset_path
+    from genrec_jax.model.recommender import build_model
+    from genrec_jax.serve.baseline import NaiveEngine
+    from genrec_jax.serve.engine import Engine
+    from genrec_jax.serve.inputs import Catalog
+
+    path = Path(args.config) if args.config else (preset_path("base") if (REPO / "configs/base.yaml").exists()
+                                                   else preset_path("tiny"))
+    modes = args.modes.split(",")
+    buckets = [int(b) for b in args.batch_buckets.split(",")]
+    overrides = list(args.overrides) + [
+        f"data.max_seq_len={args.history_len}", "model.dropout=0.0",
+        f"serve.batch_buckets={buckets}", f"serve.seq_buckets=[{args.history_len}]",
+        f"serve.extend_buckets=[{max(4, args.new_events + 1)}]", f"serve.beam_width={args.beam}",
+        f"serve.rank_micro_batch={args.rank_micro_batch}", f"serve.max_candidates={max(args.rank_candidates, 1)}",
+        f"serve.max_k={max(args.k, args.beam)}", f"serve.param_dtype={args.param_dtype}",
+        f"serve.prefix_cache_users={max(buckets) * 2}", "serve.cold_start_capacity=0",
+        f"serve.max_history_len={args.history_len}",
+    ]
+    generative = "generative" in modes
+    if generative:
+        overrides.append("model.decoder.enabled=true")
+    if "rank" in modes:
+        overrides += ["model.tasks.enabled=true"]
+    cfg = load_config(path, overrides)
+    n_items = args.num_items or cfg.data.synthetic.num_items
+    codes = sizes = None
+    if generative:
+        sizes = tuple(cfg.rqvae.codebook_sizes) + (max(8, cfg.rqvae.dedup_size),)
+        rng = np.random.default_rng(0)
+        space = int(np.prod(sizes, dtype=np.int64))
+        flat = rng.choice(space, n_items, replace=False) if space < 10**8 else rng.integers(0, space, n_items)
+        codes = np.stack(np.unravel_index(np.unique(flat)[:n_items], sizes), 1)
+        if len(codes) < n_items:
+            raise SystemExit("could not draw unique semantic IDs; lower --num-items")
+        codes = np.concatenate([np.zeros((1, len(sizes)), np.int64), codes]).astype(np.int32)
+    model = build_model(cfg.model, num_items=n_items, num_actions=5, max_len=args.history_len, item_codes=codes,
+                        code_sizes=sizes, action_names=("view", "like", "share", "skip", "purchase"))
+    catalog = Catalog(["<pad>"] + [str(i) for i in range(1, n_items + 1)], model.action_names)
+    t0 = time.perf_counter()
+    engine = Engine(model, catalog, cfg.serve, model_version=f"bench-{path.stem}")
+    compile_s = time.perf_counter() - t0
+    naive = None if args.no_naive else NaiveEngine(model, beam_width=args.beam, rank_micro_batch=args.rank_micro_batch,
+                                                   trie=engine.semantic.trie)
+    return cfg, path, engine, naive, compile_s
+
+
+def histories(n, length, num_items, seed):
+    from genrec_jax.serve.inputs import History
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ts = np.cumsum(rng.integers(1, 3600, length)) + 1_700_000_000
+        out.append(History(rng.integers(1, num_items + 1, length).astype(np.int32),
+                           rng.integers(0, 5, length).astype(np.int32), ts.astype(np.int64), int(ts[-1]) + 5))
+    return out
+
+
+def encoder_flops(model, n: int) -> float:
+    """Model FLOPs of one prefill of n tokens + retrieval over the catalogue (see docstring)."""
+    layer = model.layers[0]
+    d, h, dqk, dv = model.cfg.embed_dim, layer.num_heads, layer.attn_dim, layer.linear_dim
+    per_token = 2 * d * h * (2 * dv + 2 * dqk) + 2 * h * dv * d
+    pairs = n * (n + 1) / 2
+    return len(model.layers) * (n * per_token + pairs * 2 * h * (dqk + dv)) + 2 * model.num_items * d
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def percentiles(xs):
+    a = np.asarray(xs) * 1e3
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+def time_engine(engine, mode, b, args, seed):
+    from genrec_jax.serve.engine import RankJob, RecommendJob
+
+    n_items = engine.num_items
+    L = args.history_len
+    rng = np.random.default_rng(seed)
+    cands = [rng.integers(1, n_items + 1, args.rank_candidates).astype(np.int32) for _ in range(b)]
+    lat = []
+    t_end = time.perf_counter() + args.max_seconds
+    for it in range(args.iters + 2):  # 2 untimed warm batches
+        if mode == "returning":
+            # users first seen with L - new_events events (untimed), then with all L events
+            full = histories(b, L, n_items, seed * 1000 + it)
+            users = [f"u{seed}-{it}-{i}" for i in range(b)]
+            from genrec_jax.serve.inputs import History
+
+            first = [History(h.items[:-args.new_events], h.actions[:-args.new_events],
+                             h.timestamps[:-args.new_events], int(h.timestamps[-args.new_events - 1]))
+                     for h in full]
+            engine.process([RecommendJob(h, args.k, user_id=u) for h, u in zip(first, users)])
+            jobs = [RecommendJob(h, args.k, user_id=u) for h, u in zip(full, users)]
+        else:
+            hs = histories(b, L, n_items, seed * 1000 + it)
+            if mode == "rank":
+                jobs = [RankJob(h, c) for h, c in zip(hs, cands)]
+            else:
+                jobs = [RecommendJob(h, args.k, "generative" if mode == "generative" else "retrieval") for h in hs]
+        t0 = time.perf_counter()
+        engine.process(jobs)  # results are numpy: the device work is finished
+        dt = time.perf_counter() - t0
+        if it >= 2:
+            lat.append(dt)
+        if time.perf_counter() > t_end:
+            break
+    return lat
+
+
+def time_naive(naive, mode, args, seed):
+    hs = histories(args.naive_requests + 1, args.history_len, naive.model.num_items, seed)
+    rng = np.random.default_rng(seed)
+    lat = []
+    t_end = time.perf_counter() + args.max_seconds
+    for i, h in enumerate(hs):
+        t0 = time.perf_counter()
+        if mode == "rank":
+            naive.rank(h, rng.integers(1, naive.model.num_items + 1, args.rank_candidates).astype(np.int32))
+        else:
+            naive.recommend(h, args.k, "generative" if mode == "generative" else "retrieval")
+        if i > 0:  # the first call compiles (exact shapes, no ahead-of-time compile)
+            lat.append(time.perf_counter() - t0)
+        if time.perf_counter() > t_end:
+            break
+    return lat
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    cfg, path, engine, naive, compile_s = build(args)
+    dev = jax.devices()[0]
+    print(f"# serve_engine: preset {path.stem}, {engine.num_items} items, history {args.history_len}, k={args.k}, "
+          f"beam {args.beam}, rank {args.rank_candidates} candidates, params {args.param_dtype}, "
+          f"device {dev.platform}:{dev.device_kind}")
+    print(f"# engine start-up: {engine.compiles} executables compiled in {compile_s:.1f}s "
+          f"(K/V pool {engine.pool_bytes / 2**20:.1f} MiB)")
+    flops = encoder_flops(engine._model, args.history_len)
+    rows = []
+    modes = [m for m in args.modes.split(",") if m != "generative" or engine.semantic.can_generate]
+    for mode in modes:
+        best = 0.0
+        for b in engine.batch_buckets:
+            lat = time_engine(engine, mode, b, args, seed=b)
+            p50, p99 = percentiles(lat)
+            thr = b / float(np.mean(lat))
+            best = max(best, thr)
+            row = {"engine": "optimised", "mode": mode, "batch": b, "requests_per_s": thr, "p50_ms": p50,
+                   "p99_ms": p99, "batches": len(lat)}
+            if mode in ("recommend", "returning"):
+                row["model_tflops"] = thr * flops / 1e12 if mode == "recommend" else None
+            rows.append(row)
+            print_row(row)
+        if naive is not None:  # returning users: the naive engine has no cache, it re-encodes everything
+            lat = time_naive(naive, mode, args, seed=7)
+            p50, p99 = percentiles(lat)
+            thr = 1.0 / float(np.mean(lat))
+            row = {"engine": "naive", "mode": mode, "batch": 1, "requests_per_s": thr, "p50_ms": p50, "p99_ms": p99,
+                   "batches": len(lat), "speedup": best / thr}
+            rows.append(row)
+            print_row(row)
+    print(f"# prefix cache: {engine.prefix.hits} hits, {engine.prefix.misses} misses")
+    for mode in modes:
+        sp = [r["speedup"] for r in rows if r["mode"] == mode and r.get("speedup")]
+        if sp:
+            print(f"speed-up {mode}: {sp[0]:.1f}x (best optimised throughput / naive)")
+    if args.json:
+        with open(args.json, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+HEADER = f"{'engine':<10}{'mode':<12}{'batch':>6}{'req/s':>11}{'p50 ms':>10}{'p99 ms':>10}{'speed-up':>10}"
+
+
+def print_row(row):
+    if not getattr(print_row, "done", False):
+        print(HEADER)
+        print("-" * len(HEADER))
+        print_row.done = True
+    sp = f"{row['speedup']:.1f}x" if row.get("speedup") else ""
+    print(f"{row['engine']:<10}{row['mode']:<12}{row['batch']:>6}{row['requests_per_s']:>11.1f}"
+          f"{row['p50_ms']:>10.2f}{row['p99_ms']:>10.2f}{sp:>10}", flush=True)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"# --plot {path}: matplotlib is not installed; skipped")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode in sorted({r["mode"] for r in rows}):
+        pts = [r for r in rows if r["mode"] == mode and r["engine"] == "optimised"]
+        ax.plot([r["requests_per_s"] for r in pts], [r["p99_ms"] for r in pts], "o-", label=f"{mode} p99")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("throughput (requests/s)")
+    ax.set_ylabel("p99 batch latency (ms)")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"# plot: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""The HTTP service: FastAPI routes over the batcher and the engine.
+
+    POST /v1/recommend   top-k items (retrieval head, or beam search over semantic IDs)
+    POST /v1/rank        M-FALCON multi-task scores of candidate items
+    POST /v1/items       register cold-start items (RQ-VAE semantic IDs)
+    GET  /v1/items       page through the catalogue (clients and tests discover valid ids)
+    GET  /healthz        the process is up
+    GET  /readyz         200 only once every executable is compiled
+    GET  /metrics        Prometheus
+
+The engine is built (checkpoint load + ahead-of-time compiles) in a background thread at
+start-up, so /healthz answers at once and /readyz tells a load balancer when to send
+traffic. Every error leaves as ``{"error": {"type", "message", "field"?}}`` with a 4xx/5xx
+status; stack traces stay in the server log.
+"""
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+from fastapi import FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from genrec_jax.config import ServeConfig
+from genrec_jax.serve import schemas as S
+from genrec_jax.serve.batcher import Batcher
+from genrec_jax.serve.engine import Engine, RankScores, Recommendation
+from genrec_jax.serve.errors import DeadlineExceeded, NotReady, ServeError
+from genrec_jax.serve.metrics import ServeMetrics
+
+log = logging.getLogger("genrec_jax.serve")
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": S.ErrorBody, "description": desc} for code, desc in [
+        (400, "Body is not valid JSON"), (409, "The checkpoint cannot do this (no decoder / RQ-VAE)"),
+        (413, "Body too large"), (415, "Body is not application/json"), (422, "Invalid field (the message names it)"),
+        (503, "Not ready, or the queue is full (retry)"), (504, "Deadline exceeded")]
+}
+
+
+class Service:
+    """What the routes share: the engine (once built), the batcher and the metrics."""
+
+    def __init__(self, cfg: ServeConfig, engine_factory: Callable[[], Engine], metrics: ServeMetrics):
+        self.cfg = cfg
+        self.metrics = metrics
+        self._factory = engine_factory
+        self.engine: Engine | None = None
+        self.batcher: Batcher | None = None
+        self.error: str | None = None
+        self._add_lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        metrics.watch(lambda: self.engine.stats() if self.engine else None,
+                      lambda: self.batcher.depth if self.batcher else 0)
+
+    def start(self) -> None:
+        """Build the engine (once) and start a batcher (runs in a background thread).
+
+        Idempotent, and restartable: an app whose lifespan ran twice (test clients) gets a
+        fresh batcher over the same engine."""
+        with self._start_lock:
+            if self.engine is None and self.error is None:
+                self._build()
+            if self.engine is not None and (self.batcher is None or self.batcher.stopped):
+                engine = self.engine
+                # Late-bound, so a replaced engine.process (tests, instrumentation) is what runs.
+                self.batcher = Batcher(lambda jobs: engine.process(jobs), max_batch=engine.max_batch,
+                                       max_wait_s=self.cfg.max_wait_ms / 1e3, queue_size=self.cfg.queue_size,
+                                       on_batch=self.metrics.on_batch).start()
+
+    def _build(self) -> None:
+        try:
+            engine = self._factory()
+            if not engine.ready:
+                engine.warmup()
+            engine.on_call = self.metrics.on_step
+            self.engine = engine
+            log.info("ready: %s", engine.describe())
+        except Exception as e:  # noqa: BLE001 -- reported by /readyz, logged in full here
+            log.exception("the engine failed to start")
+            self.error = f"{type(e).__name__}: {e}"
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.batcher is not None and not self.batcher.stopped
+
+    def ready_engine(self) -> Engine:
+        if not self.ready:
+            raise NotReady("the model is still loading / compiling" if self.error is None
+                           else f"the model failed to load: {self.error}")
+        return self.engine
+
+    async def run(self, job: Any, timeout_ms: int | None) -> Any:
+        timeout_s = min(timeout_ms or self.cfg.timeout_ms, self.cfg.timeout_ms) / 1e3
+        fut = self.batcher.submit(job, timeout_s)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            fut.cancel()
+            raise DeadlineExceeded(f"no answer within {1e3 * timeout_s:.0f} ms") from None
+
+
+def create_app(cfg: ServeConfig, engine: Engine | Callable[[], Engine], *,
+               metrics: ServeMetrics | None = None) -> FastAPI:
+    """The FastAPI app. ``engine``: a built engine, or a factory called at start-up in a
+    background thread (so the server answers /healthz while it compiles)."""
+    factory = engine if callable(engine) and not isinstance(engine, Engine) else (lambda: engine)
+    svc = Service(cfg, factory, metrics or ServeMetrics())
+    schemas = S.build_schemas(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=svc.start, name="genrec-engine-start", daemon=True).start()
+        yield
+        svc.stop()
+
+    app = FastAPI(title="genrec-jax recommendation service", version="1", lifespan=lifespan,
+                  description="Generative recommender (HSTU encoder, retrieval / semantic-ID heads, M-FALCON ranking).")
+    app.state.service = svc
+    _install_error_handlers(app, svc)
+    _install_middleware(app, svc, cfg.max_body_bytes)
+
+    RecommendRequest, RankRequest = schemas.RecommendRequest, schemas.RankRequest
+    AddItemsRequest = schemas.AddItemsRequest
+
+    @app.post("/v1/recommend", response_model=S.RecommendResponse, responses=ERROR_RESPONSES)
+    async def recommend(req: RecommendRequest) -> Response:  # type: ignore[valid-type]
+        t0 = time.perf_counter()
+        engine = svc.ready_engine()
+        job = engine.recommend_job(S.dump_events(req.history), k=req.k, mode=req.mode,
+                                   context=req.context.model_dump() if req.context else None,
+                                   exclude_history=req.exclude_history, exclude_items=req.exclude_items,
+                                   user_id=req.user_id)
+        rec: Recommendation = await svc.run(job, req.timeout_ms)
+        names = engine.catalog.externals(rec.items)
+        return JSONResponse({"items": [{"item_id": n, "score": float(s)} for n, s in zip(names, rec.scores)],
+                             "model_version": engine.model_version, "latency_ms": 1e3 * (time.perf_counter() - t0)})
+
+    @app.post("/v1/rank", response_model=S.RankResponse, responses=ERROR_RESPONSES)
+    async def rank(req: RankRequest) -> Response:  # type: ignore[valid-type]
+        t0 = time.perf_counter()
+        engine = svc.ready_engine()
+        job = engine.rank_job(S.dump_events(req.history), req.candidates,
+                              context=req.context.model_dump() if req.context else None, user_id=req.user_id)
+        res: RankScores = await svc.run(job, req.timeout_ms)
+        names = list(res.scores)
+        items = [{"item_id": str(c), "scores": {n: float(res.scores[n][i]) for n in names}}
+                 for i, c in enumerate(req.candidates)]
+        if req.sort:
+            key = names[0]
+            items.sort(key=lambda it: -it["scores"][key])
+        return JSONResponse({"items": items, "model_version": engine.model_version,
+                             "latency_ms": 1e3 * (time.perf_counter() - t0)})
+
+    @app.post("/v1/items", response_model=S.AddItemsResponse, status_code=201, responses=ERROR_RESPONSES)
+    async def add_items(req: AddItemsRequest) -> dict:  # type: ignore[valid-type]
+        engine = svc.ready_engine()
+
+        def register():
+            with svc._add_lock:  # one registration (and recompile) at a time
+                return engine.add_items([{"item_id": it.item_id, "features": it.features} for it in req.items])
+
+        added = await run_in_threadpool(register)
+        return {"items": added, "total": len(engine.catalog)}
+
+    @app.get("/v1/items", response_model=S.ItemsPage, responses=ERROR_RESPONSES)
+    async def list_items(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**31)) -> dict:
+        engine = svc.ready_engine()
+        cat = engine.catalog
+        page = cat.page(offset, limit)
+        return {"items": [{"item_id": x, "cold_start": i > cat.num_trained} for i, x in page],
+                "total": len(cat), "offset": offset, "limit": limit}
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "Still loading, or failed to load"}})
+    async def readyz() -> Response:
+        if not svc.ready:
+            body = {"status": "failed" if svc.error else "loading"}
+            if svc.error:
+                body["error"] = svc.error
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "ready", **svc.engine.describe()})
+
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    async def metrics_endpoint() -> Response:
+        return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _field_name(loc: tuple) -> str:
+    """("body", "history", 0, "item_id", "str") -> "history[0].item_id"."""
+    parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc)
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif _is_type_tag(p):
+            continue
+        else:
+            out += f".{p}" if out else str(p)
+    return out or (str(loc[0]) if loc else "body")
+
+
+def _is_type_tag(p: str) -> bool:
+    """pydantic appends the union member it tried ("str", "int", "constrained-str"...)."""
+    return p in ("str", "int", "float", "bool") or "[" in p or p.startswith(("constrained-", "function-"))
+
+
+def _error(status: int, kind: str, message: str, field: str | None = None, headers: dict | None = None):
+    body: dict[str, Any] = {"type": kind, "message": message}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI, svc: Service) -> None:
+    count = lambda kind: svc.metrics.errors.labels(kind).inc()  # noqa: E731
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        bad_json = [e for e in errs if e.get("type") == "json_invalid"]
+        if bad_json:
+            count("invalid_json")
+            why = (bad_json[0].get("ctx") or {}).get("error", "invalid JSON")
+            return _error(400, "invalid_json", f"body: not valid JSON ({why})", "body")
+        seen, msgs = set(), []
+        for e in errs:
+            field = _field_name(tuple(e.get("loc", ())))
+            if field in seen:
+                continue
+            seen.add(field)
+            msgs.append((field, e.get("msg", "invalid")))
+        count("invalid_request")
+        return _error(422, "invalid_request", "; ".join(f"{f}: {m}" for f, m in msgs[:10]), msgs[0][0])
+
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, exc: ServeError):
+        count(exc.kind)
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return _error(exc.status, exc.kind, exc.message, exc.field, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
+        if exc.status_code != 413:  # ServeMiddleware counted it already
+            count(kind)
+        return _error(exc.status_code, kind, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        ref = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
+        count("internal")
+        return _error(500, "internal", f"internal error (reference {ref}); the server log has the details")
+
+
+# --------------------------------------------------------------------------- middleware
+
+
+class ServeMiddleware:
+    """Pure ASGI middleware (cheaper per request than Starlette's BaseHTTPMiddleware):
+
+    * refuses a body over ``limit`` bytes with 413, whether announced by Content-Length or
+      streamed (chunked), and a declared media type other than JSON with 415 -- before the
+      app parses anything;
+    * sheds load early: while the batcher's queue is full, a model request is refused with
+      503 before its body is even parsed (parsing is what an overloaded CPU can least afford);
+    * records each request's latency and status in the metrics (endpoint = method + path,
+      "other" for unknown paths, so label cardinality stays bounded).
+    """
+
+    KNOWN = frozenset({"/v1/recommend", "/v1/rank", "/v1/items", "/healthz", "/readyz", "/metrics"})
+    QUEUED = frozenset({"/v1/recommend", "/v1/rank"})
+
+    def __init__(self, app, limit: int, metrics: ServeMetrics, queue_full: Callable[[], bool] = lambda: False):
+        self.app, self.limit, self.metrics, self.queue_full = app, limit, metrics, queue_full
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        path = scope["path"]
+        endpoint = f"{scope['method']} {path}" if path in self.KNOWN else "other"
+        status = [500]
+
+        async def send_observed(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                self.metrics.errors.labels(refusal.kind).inc()
+                headers = {"Retry-After": "1"} if refusal.status == 503 else None
+                await _error(refusal.status, refusal.kind, refusal.message, refusal.field, headers)(
+                    scope, receive, send_observed)
+            else:
+                await self.app(scope, self._limited(receive), send_observed)
+        finally:
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+
+    def _refusal(self, scope) -> ServeError | None:
+        if scope["path"] in self.QUEUED and self.queue_full():
+            return _Refused(503, "queue_full", "request queue full; retry later", None)
+        headers = dict(scope.get("headers", ()))
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > self.limit:
+            return _Refused(413, "body_too_large", f"body: at most {self.limit} bytes")
+        ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if scope["method"] in ("POST", "PUT", "PATCH") and ctype and not _is_json(ctype):
+            return _Refused(415, "unsupported_media_type",
+                            f"body: Content-Type must be application/json, got {ctype[:64]!r}")
+        return None
+
+    def _limited(self, receive):
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    self.metrics.errors.labels("body_too_large").inc()
+                    # An HTTPException, so FastAPI's body reader passes it on (as a 413).
+                    raise _TooLarge(413, f"body: at most {self.limit} bytes")
+            return msg
+
+        return limited_receive
+
+
+class _Refused(ServeError):
+    def __init__(self, status: int, kind: str, message: str, field: str | None = "body"):
+        super().__init__(message, field)
+        self.status, self.kind = status, kind
+
+
+def _is_json(ctype: str) -> bool:
+    return ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))
+
+
+class _TooLarge(StarletteHTTPException):
+    pass
+
+
+def _install_middleware(app: FastAPI, svc: Service, max_body: int) -> None:
+    def queue_full() -> bool:
+        b = svc.batcher
+        return b is not None and b.depth >= b.queue_size
+
+    app.add_middleware(ServeMiddleware, limit=max_body, metrics=svc.metrics, queue_full=queue_full)

@@ -1,0 +1,160 @@
+"""Dynamic batching: a bounded queue in front of one worker thread that runs batches.
+
+    submit(job)  --put_nowait-->  [bounded queue]  --worker-->  run(batch)  -->  futures
+
+* The queue is bounded; when it is full ``submit`` raises ``Overloaded`` at once (the HTTP
+  layer answers 503 with Retry-After). Nothing is ever dropped silently: every accepted
+  job's future is resolved, with a result, an error, ``DeadlineExceeded`` or
+  ``ShuttingDown``.
+* The worker takes the oldest job and waits at most ``max_wait_s`` *from that job's
+  arrival* for more, up to ``max_batch`` jobs; under load the queue already holds a full
+  batch and nobody waits.
+* Each job has a deadline. A job whose deadline passed while queued is answered with
+  ``DeadlineExceeded`` without running, so an overloaded server sheds stale work instead
+  of growing every admitted request's latency.
+
+The batcher knows nothing about models: ``run(payloads) -> results`` (one result or
+exception per payload) is the engine's ``process``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from genrec_jax.serve.errors import DeadlineExceeded, Overloaded, ShuttingDown
+
+log = logging.getLogger("genrec_jax.serve")
+
+
+@dataclasses.dataclass
+class Ticket:
+    payload: Any
+    future: concurrent.futures.Future
+    enqueued: float  # time.monotonic()
+    deadline: float
+
+
+class Batcher:
+    """Args:
+        run: processes a list of payloads, returning one result (or exception) per payload;
+            if it raises, every job of the batch gets that exception.
+        max_batch: most jobs per batch (the engine's largest batch bucket).
+        max_wait_s: longest a job waits for companions (from its arrival).
+        queue_size: most jobs waiting; more are refused.
+        on_batch: ``(jobs in batch, seconds the oldest waited)`` after each batch (metrics).
+    """
+
+    def __init__(self, run: Callable[[list[Any]], Sequence[Any]], *, max_batch: int, max_wait_s: float,
+                 queue_size: int, on_batch: Callable[[int, float], None] | None = None):
+        self._run = run
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.queue_size = queue_size
+        self._queue: queue.Queue[Ticket] = queue.Queue(maxsize=queue_size)
+        self._on_batch = on_batch
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> "Batcher":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="genrec-batcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the worker; jobs still queued are answered with ``ShuttingDown``."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        while True:
+            try:
+                t = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if t.future.set_running_or_notify_cancel():
+                t.future.set_exception(ShuttingDown("the server is shutting down"))
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    # ----------------------------------------------------------------- producers
+
+    def submit(self, payload: Any, timeout_s: float) -> concurrent.futures.Future:
+        """Queue a job with a deadline ``timeout_s`` from now. Raises ``Overloaded`` (queue
+        full) or ``ShuttingDown`` at once; never blocks."""
+        if self._stop.is_set():
+            raise ShuttingDown("the server is shutting down")
+        now = time.monotonic()
+        t = Ticket(payload, concurrent.futures.Future(), now, now + timeout_s)
+        try:
+            self._queue.put_nowait(t)
+        except queue.Full:
+            raise Overloaded(f"request queue full ({self.queue_size} waiting); retry later") from None
+        return t.future
+
+    # ----------------------------------------------------------------- worker
+
+    def _collect(self) -> list[Ticket] | None:
+        try:
+            first = self._queue.get(timeout=0.05)
+        except queue.Empty:
+            return None
+        batch = [first]
+        until = first.enqueued + self.max_wait_s
+        while len(batch) < self.max_batch:
+            remaining = until - time.monotonic()
+            try:
+                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            batch = self._collect()
+            if batch is None:
+                continue
+            now = time.monotonic()
+            live = []
+            for t in batch:
+                if not t.future.set_running_or_notify_cancel():
+                    continue  # the caller gave up (cancelled) while it waited
+                if now > t.deadline:
+                    t.future.set_exception(DeadlineExceeded(
+                        f"request waited {1e3 * (now - t.enqueued):.0f} ms in the queue, past its deadline"))
+                    continue
+                live.append(t)
+            if not live:
+                continue
+            if self._on_batch is not None:
+                self._on_batch(len(live), now - live[0].enqueued)
+            self._execute(live)
+            self.batches += 1
+
+    def _execute(self, live: list[Ticket]) -> None:
+        try:
+            results = self._run([t.payload for t in live])
+        except BaseException as e:  # noqa: BLE001 -- every caller must hear about it
+            log.exception("batch of %d failed", len(live))
+            for t in live:
+                t.future.set_exception(e)
+            return
+        for t, r in zip(live, results):
+            if isinstance(r, BaseException):
+                t.future.set_exception(r)
+            else:
+                t.future.set_result(r)

@@ -1,0 +1,118 @@
+"""The semantic-ID side of serving: beam-search driver, trie, and cold-start registration.
+
+Kept apart from the engine so that ``mode="generative"`` and ``POST /v1/items`` plug in
+``genrec_jax.semantic_ids`` (decoder, trie, beam search, RQ-VAE, cold start) without the
+engine knowing their internals. Two independent capabilities:
+
+* generation needs the semantic-ID decoder in the checkpoint (``model.decoder``);
+* cold start needs the RQ-VAE (the run's ``semantic_ids/`` folder): a new item gets a
+  semantic ID from its content, and a retrieval embedding averaged from its semantic
+  neighbours, so it is recommendable (both modes), rankable and usable in histories at once.
+
+Without them the engine still serves retrieval and ranking; these features answer 409.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from genrec_jax.serve.errors import Conflict, RequestError
+
+
+@dataclasses.dataclass
+class Registration:
+    """New items' semantic IDs and embedding sources (from ``cold_start.add_items``)."""
+
+    codes: np.ndarray  # int32 [M, L]
+    neighbours: list[np.ndarray]  # per new item: existing internal ids its embedding averages
+    trie: object  # the grown Trie
+    semantic_ids: object  # the grown SemanticIDs (taken by ``commit``)
+
+
+class SemanticSide:
+    def __init__(self, model, semantic_dir: Path | None = None):
+        self.search: Callable | None = None
+        self.trie = None
+        self.decoder_reason = None
+        if getattr(model, "decoder", None) is None:
+            self.decoder_reason = ("this checkpoint has no semantic-ID decoder (trained with "
+                                   "model.decoder.enabled=false); use mode=retrieval")
+        else:
+            from genrec_jax.semantic_ids.beam_search import decoder_beam_search
+            from genrec_jax.semantic_ids.trie import Trie
+
+            self.search = decoder_beam_search
+            self.trie = Trie.from_item_codes(np.asarray(model.item_codes[...], np.int32), model.decoder.code_sizes)
+        self.semantic_dir = semantic_dir
+        self._sid = None  # SemanticIDs with the RQ-VAE: loaded by the first registration
+
+    @property
+    def can_generate(self) -> bool:
+        return self.search is not None
+
+    def require_decoder(self) -> None:
+        if not self.can_generate:
+            raise Conflict(self.decoder_reason)
+
+    # ----------------------------------------------------------------- cold start
+
+    def cold_start_reason(self) -> str | None:
+        """Why new items cannot be registered (None when they can)."""
+        d = self.semantic_dir
+        if d is None or not (d / "meta.json").is_file() or not (d / "codes.npy").is_file():
+            return ("this checkpoint has no RQ-VAE (no semantic_ids/ folder from `python train.py --stage rqvae`), "
+                    "so new items cannot get semantic IDs")
+        try:
+            import genrec_jax.semantic_ids.cold_start  # noqa: F401
+        except ImportError:
+            return "cold-start registration needs genrec_jax.semantic_ids.cold_start, missing from this build"
+        return None
+
+    def feature_width(self) -> int | None:
+        sid = self._semantic_ids()
+        return None if sid.rqvae is None else int(sid.rqvae.in_dim)
+
+    def _semantic_ids(self):
+        if self._sid is None:
+            from genrec_jax.semantic_ids.train_rqvae import load_semantic_ids
+
+            self._sid = load_semantic_ids(self.semantic_dir, with_model=True)
+            if self._sid.rqvae is None:
+                raise Conflict(f"{self.semantic_dir} holds semantic IDs but not the RQ-VAE that made them")
+        return self._sid
+
+    def register(self, features: Sequence[Sequence[float]], num_items: int) -> Registration:
+        """Semantic IDs and embedding neighbours for new items (raw content vectors, like
+        the catalogue's). ``num_items``: items the engine has now (the IDs must agree)."""
+        reason = self.cold_start_reason()
+        if reason:
+            raise Conflict(reason)
+        from genrec_jax.semantic_ids import cold_start
+
+        sid = self._semantic_ids()
+        if sid.num_items != num_items:
+            raise Conflict(f"the semantic IDs cover {sid.num_items} items, the served model {num_items}: "
+                           "were they made for another run?")
+        width = self.feature_width()
+        rows = [len(f) for f in features]
+        bad = [i for i, n in enumerate(rows) if n != width]
+        if bad:
+            raise RequestError(f"items[{bad[0]}].features", f"{rows[bad[0]]} values; the RQ-VAE takes {width}")
+        try:
+            res = cold_start.add_items(None, sid, np.asarray(features, np.float32))
+        except cold_start.CapacityError as e:
+            raise Conflict(str(e)) from None
+        except ValueError as e:
+            raise RequestError("items", str(e)) from None
+        return Registration(np.asarray(res.codes, np.int32), [np.asarray(n) for n in res.neighbours], res.trie,
+                            res.semantic_ids)
+
+    def commit(self, reg: Registration) -> None:
+        """Adopt a registration once the engine serves it (the next one builds on it)."""
+        self._sid = reg.semantic_ids
+        if self.can_generate:
+            self.trie = reg.trie

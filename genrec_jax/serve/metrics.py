@@ -1,0 +1,83 @@
+"""Prometheus metrics of the service (``GET /metrics``), in a registry of its own.
+
+Request-side metrics are updated by the app and the batcher; engine-side ones (compiles,
+prefix cache) are read from ``Engine.stats()`` at scrape time by a collector, so the
+engine itself does not depend on prometheus-client.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ServeMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.latency = Histogram("genrec_request_latency_seconds", "End-to-end request latency in the server",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("genrec_requests", "Requests answered, by endpoint and HTTP status",
+                                ["endpoint", "status"], registry=r)
+        self.errors = Counter("genrec_errors", "Error responses by class", ["error_class"], registry=r)
+        self.batch_size = Histogram("genrec_batch_size", "Requests per batch the batcher ran",
+                                    buckets=SIZE_BUCKETS, registry=r)
+        self.step_rows = Histogram("genrec_step_rows", "Real rows per compiled-step call (bucket padding excluded)",
+                                   ["step"], buckets=SIZE_BUCKETS, registry=r)
+        self.queue_wait = Histogram("genrec_queue_wait_seconds", "Time the oldest request of a batch waited",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("genrec_queue_depth", "Requests waiting in the batcher queue", registry=r)
+
+    def on_batch(self, size: int, waited_s: float) -> None:
+        self.batch_size.observe(size)
+        self.queue_wait.observe(waited_s)
+
+    def on_step(self, step: str, rows: int, bucket: int) -> None:
+        self.step_rows.labels(step).observe(rows)
+
+    def watch(self, stats: Callable[[], dict | None], depth: Callable[[], int]) -> None:
+        """Read the engine's counters and the queue depth at every scrape."""
+        self.queue_depth.set_function(depth)
+        self.registry.register(_EngineCollector(stats))
+
+
+class _EngineCollector:
+    def __init__(self, stats: Callable[[], dict | None]):
+        self._stats = stats
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        s = self._stats() or {}
+        yield _counter("genrec_compiles", "Executables compiled (all at start-up or cold-start swaps)",
+                       s.get("compiles", 0))
+        yield _counter("genrec_compile_seconds", "Seconds spent compiling", s.get("compile_seconds", 0.0))
+        yield _counter("genrec_prefix_cache_hits", "Returning-user requests that reused their cached prefix",
+                       s.get("prefix_cache_hits", 0))
+        yield _counter("genrec_prefix_cache_misses", "Requests with a user_id that encoded their whole window",
+                       s.get("prefix_cache_misses", 0))
+        yield _counter("genrec_prefix_cache_evictions", "Users evicted from the prefix cache (LRU)",
+                       s.get("prefix_cache_evictions", 0))
+        yield _gauge("genrec_prefix_cache_hit_rate", "hits / (hits + misses) since start",
+                     s.get("prefix_cache_hit_rate", 0.0))
+        yield _gauge("genrec_prefix_cache_entries", "Users in the prefix cache", s.get("prefix_cache_entries", 0))
+        yield _gauge("genrec_prefix_cache_capacity", "User slots of the prefix cache",
+                     s.get("prefix_cache_capacity", 0))
+        yield _gauge("genrec_kv_pool_bytes", "Device bytes of the K/V slot pool", s.get("pool_bytes", 0))
+        yield _gauge("genrec_ready", "1 once every executable is compiled", 1.0 if s.get("ready") else 0.0)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    c = CounterMetricFamily(name, doc)
+    c.add_metric([], value)
+    return c
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)

@@ -1,0 +1,209 @@
+"""HTTP API: every endpoint answers; malformed requests get the right 4xx; overload and
+deadlines are refused fast; errors never leak stack traces."""
+
+import concurrent.futures
+import dataclasses
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from genrec_jax.serve.app import create_app
+
+from .conftest import events
+
+
+def wait_ready(client, timeout=60.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        r = client.get("/readyz")
+        if r.status_code == 200:
+            return r.json()
+        time.sleep(0.02)
+    raise AssertionError(f"not ready after {timeout}s: {r.json()}")
+
+
+@pytest.fixture(scope="module")
+def client(engine, serve_cfg):
+    # raise_server_exceptions=False: see the 500 a real client would, not the exception.
+    with TestClient(create_app(serve_cfg, engine), raise_server_exceptions=False) as c:
+        wait_ready(c)
+        yield c
+
+
+def test_every_endpoint_answers(client, engine):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["model_version"] == engine.model_version
+    page = client.get("/v1/items", params={"limit": 5, "offset": 2}).json()
+    assert page["total"] == len(engine.catalog) >= 120
+    assert [it["item_id"] for it in page["items"]] == ["i3", "i4", "i5", "i6", "i7"]
+    r = client.post("/v1/recommend", json={"user_id": "u1", "history": events(["i3", "i9", "i27"]), "k": 7,
+                                           "exclude_history": True, "context": {"timestamp": 1_700_010_000}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["items"]) == 7 and body["model_version"] == engine.model_version and body["latency_ms"] > 0
+    assert not {"i3", "i9", "i27"} & {it["item_id"] for it in body["items"]}
+    direct = engine.recommend(events(["i3", "i9", "i27"]), context={"timestamp": 1_700_010_000}, k=7,
+                              exclude_history=True)
+    assert [it["item_id"] for it in body["items"]] == [d["item_id"] for d in direct]
+    r = client.post("/v1/rank", json={"history": events(["i3", "i9"]), "candidates": ["i5", "i6", "i100"]})
+    assert r.status_code == 200, r.text
+    ranked = r.json()["items"]
+    assert [it["item_id"] for it in ranked] == ["i5", "i6", "i100"]
+    assert set(ranked[0]["scores"]) == {*engine.task_names, "retrieval"}
+    assert all(0.0 <= it["scores"]["engagement"] <= 1.0 for it in ranked)
+    r = client.post("/v1/rank", json={"history": events(["i3"]), "candidates": ["i5", "i6", "i7"], "sort": True})
+    scores = [it["scores"][engine.task_names[0]] for it in r.json()["items"]]
+    assert scores == sorted(scores, reverse=True)
+    metrics = client.get("/metrics").text
+    for name in ("genrec_request_latency_seconds_bucket", "genrec_batch_size_bucket", "genrec_queue_depth",
+                 "genrec_prefix_cache_hit_rate", "genrec_compiles_total", "genrec_errors_total"):
+        assert name in metrics, f"/metrics lacks {name}"
+    assert "/v1/recommend" in client.get("/openapi.json").json()["paths"]
+
+
+def test_generative_without_decoder_answers_409(client):
+    r = client.post("/v1/recommend", json={"history": events(["i1"]), "mode": "generative", "k": 3})
+    assert r.status_code == 409 and "semantic-ID decoder" in r.json()["error"]["message"]
+
+
+H = [{"item_id": "i1"}]
+MALFORMED = [
+    # (id, method, path, body or raw bytes, status, field)
+    ("bad_json", "post", "/v1/recommend", b'{"history": [', 400, "body"),
+    ("not_an_object", "post", "/v1/recommend", [1, 2], 422, "body"),
+    ("missing_history", "post", "/v1/recommend", {"k": 3}, 422, "history"),
+    ("empty_history", "post", "/v1/recommend", {"history": []}, 422, "history"),
+    ("too_long_history", "post", "/v1/recommend", {"history": H * 65}, 422, "history"),
+    ("unknown_item", "post", "/v1/recommend", {"history": [{"item_id": "nope"}]}, 422, "history[0].item_id"),
+    ("item_wrong_type", "post", "/v1/recommend", {"history": [{"item_id": 1.5}]}, 422, "history[0].item_id"),
+    ("k_string", "post", "/v1/recommend", {"history": H, "k": "3"}, 422, "k"),
+    ("k_zero", "post", "/v1/recommend", {"history": H, "k": 0}, 422, "k"),
+    ("k_too_big", "post", "/v1/recommend", {"history": H, "k": 21}, 422, "k"),
+    ("bool_wrong_type", "post", "/v1/recommend", {"history": H, "exclude_history": "yes"}, 422, "exclude_history"),
+    ("unknown_field", "post", "/v1/recommend", {"history": H, "kk": 3}, 422, "kk"),
+    ("unknown_mode", "post", "/v1/recommend", {"history": H, "mode": "magic"}, 422, "mode"),
+    ("unknown_action", "post", "/v1/recommend", {"history": [{"item_id": "i1", "action": "buy"}]}, 422,
+     "history[0].action"),
+    ("decreasing_time", "post", "/v1/recommend",
+     {"history": [{"item_id": "i1", "timestamp": 9}, {"item_id": "i2", "timestamp": 8}]}, 422, "history[1].timestamp"),
+    ("context_before_history", "post", "/v1/recommend",
+     {"history": [{"item_id": "i1", "timestamp": 9}], "context": {"timestamp": 3}}, 422, "context.timestamp"),
+    ("unknown_exclude", "post", "/v1/recommend", {"history": H, "exclude_items": ["zz"]}, 422, "exclude_items[0]"),
+    ("no_candidates", "post", "/v1/rank", {"history": H, "candidates": []}, 422, "candidates"),
+    ("too_many_candidates", "post", "/v1/rank", {"history": H, "candidates": ["i1"] * 65}, 422, "candidates"),
+    ("unknown_candidate", "post", "/v1/rank", {"history": H, "candidates": ["i1", "x"]}, 422, "candidates[1]"),
+    ("items_no_features", "post", "/v1/items", {"items": [{"item_id": "n"}]}, 422, "items[0].features"),
+    ("page_limit", "get", "/v1/items?limit=0", None, 422, "limit"),
+    ("page_not_int", "get", "/v1/items?offset=abc", None, 422, "offset"),
+    ("body_too_large", "post", "/v1/recommend", b'{"history": [' + b" " * 30000 + b"]}", 413, "body"),
+    ("not_found", "get", "/v2/nothing", None, 404, None),
+    ("wrong_method", "get", "/v1/recommend", None, 405, None),
+]
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_request_gets_4xx_naming_the_field(client, case):
+    _, method, path, body, status, field = case
+    if isinstance(body, bytes):
+        r = client.request(method, path, content=body, headers={"content-type": "application/json"})
+    elif body is None:
+        r = client.request(method, path)
+    else:
+        r = client.request(method, path, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["type"] and err["message"]
+    if field is not None:
+        assert err["field"] == field, err
+        assert err["message"].startswith(field), err
+    assert "Traceback" not in r.text
+
+
+def test_internal_error_leaks_no_stack_trace(client, engine, monkeypatch):
+    def boom(jobs, **kw):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(engine, "process", boom)
+    r = client.post("/v1/recommend", json={"history": H})
+    assert r.status_code == 500
+    assert "secret" not in r.text and "Traceback" not in r.text and r.json()["error"]["type"] == "internal"
+
+
+@pytest.fixture
+def gated(engine, monkeypatch):
+    """Make the engine block until the gate opens (a stand-in for a saturated device)."""
+    gate = threading.Event()
+    real = engine.process
+
+    def slow(jobs, **kw):
+        gate.wait(10)
+        return real(jobs, **kw)
+
+    monkeypatch.setattr(engine, "process", slow)
+    yield gate
+    gate.set()
+
+
+def test_full_queue_refuses_quickly(engine, serve_cfg, gated):
+    cfg = dataclasses.replace(serve_cfg, queue_size=2, timeout_ms=20_000.0)
+    with TestClient(create_app(cfg, engine)) as c:
+        wait_ready(c)
+
+        def call(i):
+            t0 = time.perf_counter()
+            r = c.post("/v1/recommend", json={"history": events([f"i{i + 1}"]), "k": 3})
+            return r, time.perf_counter() - t0
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            futs = [pool.submit(call, i) for i in range(12)]
+            time.sleep(0.5)  # every request has been accepted or refused by now
+            refused = [f.result() for f in futs if f.done()]
+            gated.set()
+            results = [f.result(30) for f in futs]
+    codes = [r.status_code for r, _ in results]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 6, codes  # <= 4 in the batch + 2 queued
+    for r, dt in results:
+        if r.status_code == 503:
+            assert r.json()["error"]["type"] == "queue_full" and r.headers.get("retry-after")
+            assert dt < 1.0, f"a refusal took {dt:.2f}s"
+    assert len(refused) >= codes.count(503), "refusals must not wait for the busy engine"
+
+
+def test_deadline_exceeded_is_504(client, gated):
+    t0 = time.perf_counter()
+    r = client.post("/v1/recommend", json={"history": H, "timeout_ms": 100})
+    assert r.status_code == 504 and r.json()["error"]["type"] == "deadline_exceeded"
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_readyz_waits_for_warmup(engine, serve_cfg):
+    release = threading.Event()
+
+    def factory():
+        release.wait(10)
+        return engine
+
+    with TestClient(create_app(serve_cfg, factory)) as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = c.post("/v1/recommend", json={"history": H})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready"
+        release.set()
+        wait_ready(c)
+
+
+def test_failed_load_is_reported(serve_cfg):
+    def factory():
+        raise FileNotFoundError("no checkpoint in /nowhere")
+
+    with TestClient(create_app(serve_cfg, factory)) as c:
+        for _ in range(200):
+            r = c.get("/readyz")
+            if r.json()["status"] != "loading":
+                break
+            time.sleep(0.01)
+        assert r.status_code == 503 and "no checkpoint" in r.json()["error"]

@@ -1,0 +1,102 @@
+"""Batcher: own results under concurrency, bounded queue refuses at once, deadlines, errors."""
+
+import concurrent.futures
+import threading
+import time
+
+import pytest
+
+from genrec_jax.serve.batcher import Batcher
+from genrec_jax.serve.errors import DeadlineExceeded, Overloaded, ShuttingDown
+
+
+def make(run, **kw):
+    opts = dict(max_batch=8, max_wait_s=0.002, queue_size=64)
+    opts.update(kw)
+    return Batcher(run, **opts).start()
+
+
+def test_each_caller_gets_its_own_result():
+    sizes = []
+
+    def run(payloads):
+        sizes.append(len(payloads))
+        time.sleep(0.002)  # a batch takes time, so requests pile up and batch together
+        return [p * 10 for p in payloads]
+
+    b = make(run, queue_size=256)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            futs = list(pool.map(lambda i: (i, b.submit(i, 5.0)), range(200)))
+            for i, f in futs:
+                assert f.result(5) == i * 10, "a caller got another caller's result"
+    finally:
+        b.stop()
+    assert sum(sizes) == 200 and max(sizes) > 1 and max(sizes) <= 8, sizes
+
+
+def test_full_queue_refuses_immediately():
+    gate = threading.Event()
+    b = make(lambda ps: (gate.wait(5), ps)[1], queue_size=3, max_batch=1)
+    try:
+        accepted = [b.submit(0, 5.0)]
+        time.sleep(0.05)  # the worker takes the first job and blocks on the gate
+        accepted += [b.submit(i, 5.0) for i in range(3)]  # fills the queue
+        t0 = time.perf_counter()
+        with pytest.raises(Overloaded):
+            b.submit(99, 5.0)
+        assert time.perf_counter() - t0 < 0.01, "a full queue must refuse at once, not block"
+        gate.set()
+        assert [f.result(5) for f in accepted] == [0, 0, 1, 2], "accepted jobs must all be answered"
+    finally:
+        gate.set()
+        b.stop()
+
+
+def test_deadline_expires_in_queue():
+    gate = threading.Event()
+    b = make(lambda ps: (gate.wait(5), ps)[1], max_batch=1)
+    try:
+        first = b.submit(1, 5.0)
+        time.sleep(0.02)
+        late = b.submit(2, 0.01)
+        time.sleep(0.05)
+        gate.set()
+        assert first.result(5) == 1
+        with pytest.raises(DeadlineExceeded):
+            late.result(5)
+    finally:
+        gate.set()
+        b.stop()
+
+
+def test_errors_reach_every_caller():
+    def run(payloads):
+        if 0 in payloads:
+            raise RuntimeError("batch failed")
+        return [ValueError("bad") if p == 1 else p for p in payloads]
+
+    b = make(run, max_wait_s=0.05)
+    try:
+        with pytest.raises(RuntimeError):
+            b.submit(0, 5.0).result(5)
+        f1, f2 = b.submit(1, 5.0), b.submit(2, 5.0)
+        with pytest.raises(ValueError):
+            f1.result(5)
+        assert f2.result(5) == 2
+    finally:
+        b.stop()
+
+
+def test_stop_answers_queued_jobs():
+    gate = threading.Event()
+    b = make(lambda ps: (gate.wait(5), ps)[1], max_batch=1)
+    b.submit(0, 5.0)
+    time.sleep(0.02)
+    queued = b.submit(1, 5.0)
+    threading.Timer(0.05, gate.set).start()
+    b.stop()
+    with pytest.raises(ShuttingDown):
+        queued.result(5)
+    with pytest.raises(ShuttingDown):
+        b.submit(2, 5.0)
