@@ -138,7 +138,7 @@ def collate_train(seqs: EventSequences, rows: np.ndarray, pad_len: int, max_len:
     keys = ("items", "actions", "ts", "qts", "tgt", "tact", "twatch", "cact", "cwatch")
     cols: dict[str, list] = {k: [] for k in keys}
     lengths, users, ntargets, ctx, li_all, la_all, lt_all, nlong = [], [], [], [], [], [], [], []
-    short_cap = min(pad_len, opts.short_len) if opts.multiscale else pad_len
+    short_cap = min(pad_len, max_len, opts.short_len) if opts.multiscale else min(pad_len, max_len)
     for r in rows:
         ev = seqs.row(int(r)) if r >= 0 else None
         L = len(ev["items"]) if ev is not None else 0

@@ -98,16 +98,29 @@ class Recommender(nnx.Module):
 
     # ----------------------------------------------------------------- embeddings
 
-    def embed_events(self, items, actions, timestamps, prev_timestamp=None):
-        """Event token embeddings [B, N, D]: item + action + time-gap bucket (no position)."""
+    def embed_events(self, items, actions, timestamps, prev_timestamp=None, hist_lengths=None,
+                     all_candidates=False):
+        """Event token embeddings [B, N, D]: item + action + time-gap bucket (no position).
+
+        The gap of an event is its time minus the previous event's. M-FALCON candidates
+        (tokens at or past ``hist_lengths``, or every token with ``all_candidates``) all
+        measure it from the last history event, so a candidate's input does not depend on
+        which other candidates share the request.
+        """
         x = self.item_emb(items) * math.sqrt(self.cfg.embed_dim)
         if self.action_emb is not None:
             x = x + self.action_emb(actions)
         if self.time_emb is not None and timestamps is not None:
-            gap = timestamps - jnp.concatenate([timestamps[:, :1], timestamps[:, :-1]], axis=1)
-            if prev_timestamp is not None:  # incremental pass: gap of the first new token
-                gap = gap.at[:, 0].set(timestamps[:, 0] - prev_timestamp)
-            x = x + self.time_emb(time_bucket(gap, self.cfg.num_time_buckets))
+            prev = jnp.concatenate([timestamps[:, :1], timestamps[:, :-1]], axis=1)
+            if prev_timestamp is not None:  # incremental pass: the event before the first new one
+                prev = prev.at[:, 0].set(prev_timestamp)
+            if all_candidates and prev_timestamp is not None:
+                prev = jnp.broadcast_to(prev_timestamp[:, None], timestamps.shape)
+            elif hist_lengths is not None:
+                j = jnp.arange(timestamps.shape[1])[None, :]
+                last_hist = jnp.take_along_axis(timestamps, jnp.maximum(hist_lengths - 1, 0)[:, None], axis=1)
+                prev = jnp.where(j >= hist_lengths[:, None], last_hist, prev)
+            x = x + self.time_emb(time_bucket(timestamps - prev, self.cfg.num_time_buckets))
         return x
 
     def _token_types(self, lengths, n, num_targets):
@@ -155,7 +168,8 @@ class Recommender(nnx.Module):
         ts = jnp.concatenate([t.astype(jnp.int32) for t in ts_parts], axis=1)
         return x, self.num_fixed_prefix + num_long, ts, jnp.concatenate(types, axis=1)
 
-    def embed(self, batch: Batch, key: KeySeq | None = None, positions: jax.Array | None = None):
+    def embed(self, batch: Batch, key: KeySeq | None = None, positions: jax.Array | None = None,
+              candidates: bool = False):
         """Token embeddings [B, T, D], the sequence context, and the offset [B] of the event
         tokens inside the sequence (non-zero only with the multi-scale prefix)."""
         items = batch["items"]
@@ -164,7 +178,9 @@ class Recommender(nnx.Module):
         num_targets = batch.get("num_targets")
         ts = batch.get("timestamps")
         qts = batch.get("query_timestamps")
-        x = self.embed_events(items, batch["actions"], ts, batch.get("prev_timestamp"))
+        hist_len = None if num_targets is None or candidates else lengths - num_targets
+        x = self.embed_events(items, batch["actions"], ts, batch.get("prev_timestamp"), hist_len,
+                              all_candidates=candidates)
         types = batch.get("token_types")
         if types is None:
             types = self._token_types(lengths, n, num_targets)
@@ -224,7 +240,7 @@ class Recommender(nnx.Module):
             positions = jnp.broadcast_to(start[:, None], (start.shape[0], n_new))
         else:
             positions = start[:, None] + jnp.arange(n_new)[None, :]
-        x, ctx, _ = self.embed(batch_new, None, positions=positions)
+        x, ctx, _ = self.embed(batch_new, None, positions=positions, candidates=candidates)
         new_caches = []
         for layer, cache in zip(self.layers, caches):
             x, cache = layer.extend(x, cache, start, ctx, k_timestamps=k_timestamps, candidates=candidates)
