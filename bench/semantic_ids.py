@@ -53,20 +53,13 @@ def write_rows(path: str | None, rows: list[dict]) -> None:
 
 
 def _train(cfg, out: Path, fit: str, progress: bool):
-    """setup + train_loop, optionally on all events but the last (``fit=train+valid``)."""
-    from genrec_jax.data.batching import TrainLoader
-    from genrec_jax.train.loop import collate_options, save_checkpoint, setup, train_loop
+    """setup + train_loop on the events ``fit`` names (data.fit)."""
+    import dataclasses
 
+    from genrec_jax.train.loop import save_checkpoint, setup, train_loop
+
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fit=fit))
     ctx = setup(cfg, out, progress=progress)
-    if fit == "train+valid":
-        seqs = ctx.dataset.sequences
-        lengths = seqs.lengths
-        ctx.fit_events = seqs.slice_each(np.zeros(len(lengths), np.int64), np.maximum(lengths - 1, 0))
-        ctx.loader = TrainLoader(ctx.fit_events, batch_size=cfg.data.batch_size, max_len=cfg.data.max_seq_len,
-                                 bucket_sizes=cfg.data.bucket_sizes, seed=cfg.train.seed,
-                                 options=collate_options(cfg, ctx.dataset, train=True))
-    else:
-        ctx.fit_events = ctx.split.train
     t0 = time.perf_counter()
     train_loop(ctx)
     save_checkpoint(ctx, ctx.step)

@@ -51,6 +51,11 @@ class DataConfig:
     # Padded-length buckets for training batches (each a compiled shape).
     bucket_sizes: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64])
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+    # Events the model (and the baselines) train on. "train": all but each user's last two
+    # (the validation target stays unseen, so periodic validation is meaningful);
+    # "train+valid": all but the last (the test target), for the final test numbers; no
+    # periodic validation then, since the validation targets are training data.
+    fit: Literal["train", "train+valid"] = "train"
 
     def resolved_dir(self) -> Path | None:
         base = self.data_dir or os.environ.get("GENREC_DATA_DIR")

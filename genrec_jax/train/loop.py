@@ -53,6 +53,7 @@ class RunContext:
     step: int = 0
     progress: bool = True
     last_metrics: dict = dataclasses.field(default_factory=dict)
+    fit_events: Any = None  # the sequences the model trains on (data.fit)
 
 
 Hook = Callable[[RunContext, int, dict], None]
@@ -69,6 +70,14 @@ def write_run_files(run_dir: Path, cfg: Config, ds: Dataset, max_len: int) -> No
         "has_timestamps": ds.has_timestamps,
     })
     atomic_write_json(run_dir / "items.json", [str(x) for x in ds.item_ids])
+
+
+def fit_sequences(ds: Dataset, split: LeaveOneOut, fit: str):
+    """Training sequences for ``data.fit``: the split's train part, or all but the last event."""
+    if fit == "train":
+        return split.train
+    seqs = ds.sequences
+    return seqs.slice_each(np.zeros(len(seqs), np.int64), np.maximum(seqs.lengths - 1, 0))
 
 
 def collate_options(cfg: Config, ds: Dataset, train: bool) -> CollateOptions:
@@ -129,13 +138,15 @@ def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: b
     model = build_model(cfg.model, num_items=ds.num_items, num_actions=ds.num_actions, max_len=max_len,
                         seed=cfg.train.seed, action_names=tuple(ds.action_names),
                         item_codes=item_codes, code_sizes=code_sizes)
-    steps = StepBuilder(model, cfg.train, mesh, item_counts=ds.item_popularity(split.train))
-    loader = TrainLoader(split.train, batch_size=cfg.data.batch_size, max_len=max_len,
+    fit_events = fit_sequences(ds, split, cfg.data.fit)
+    steps = StepBuilder(model, cfg.train, mesh, item_counts=ds.item_popularity(fit_events))
+    loader = TrainLoader(fit_events, batch_size=cfg.data.batch_size, max_len=max_len,
                          bucket_sizes=cfg.data.bucket_sizes, seed=cfg.train.seed,
                          options=collate_options(cfg, ds, train=True))
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints)
-    ctx = RunContext(cfg, run_dir, ds, split, steps, loader, ckpt, MetricsLogger(run_dir), progress=progress)
+    ctx = RunContext(cfg, run_dir, ds, split, steps, loader, ckpt, MetricsLogger(run_dir), progress=progress,
+                     fit_events=fit_events)
     if resume and has_ckpt:
         state, meta, step = ckpt.restore(steps.abstract_state())
         loader.load_state_dict(meta["loader"])
@@ -174,7 +185,7 @@ def log_hook(ctx: RunContext, step: int, metrics: dict) -> None:
 
 def eval_hook(ctx: RunContext, step: int, metrics: dict) -> None:
     t = ctx.cfg.train
-    if not t.eval_every or step % t.eval_every or step == t.num_steps:
+    if not t.eval_every or step % t.eval_every or step == t.num_steps or ctx.cfg.data.fit != "train":
         return
     res = evaluate_model(
         ctx.steps, ctx.state["params"], ctx.split.valid, num_items=ctx.dataset.num_items,
@@ -229,7 +240,7 @@ def train_loop(ctx: RunContext, hooks: tuple[Hook, ...] = DEFAULT_HOOKS, stop_af
 def final_evaluation(ctx: RunContext) -> dict[str, dict[str, float]]:
     """Test-set metrics of the model beside popularity and item-transition baselines."""
     cfg, ds = ctx.cfg, ctx.dataset
-    pop = ds.item_popularity(ctx.split.train)
+    pop = ds.item_popularity(ctx.fit_events)
     vectors = item_vectors_for_diversity(ds)
     rows = {}
     name = cfg.model.arch.upper() if cfg.model.arch == "hstu" else "SASRec"
@@ -254,7 +265,7 @@ def final_evaluation(ctx: RunContext) -> dict[str, dict[str, float]]:
         )
     if cfg.eval.baselines:
         rows.update(evaluate_baselines(
-            ctx.split.train, ctx.split.test, num_items=ds.num_items, ks=cfg.eval.ks,
+            ctx.fit_events, ctx.split.test, num_items=ds.num_items, ks=cfg.eval.ks,
             exclude_history=cfg.eval.exclude_history, item_popularity=pop, item_vectors=vectors,
         ))
     return rows
