@@ -1,0 +1,53 @@
+"""Dry-run planning numbers against a hand count for the tiny preset."""
+
+import io
+
+from genrec_jax.config import load_config, preset_path
+from genrec_jax.planning import dry_run_main, flops_per_token, make_plan
+
+
+def hand_count_tiny() -> int:
+    d, h, dqk, dv, n, t, items, actions = 32, 2, 16, 16, 16, 32, 120, 5
+    embeddings = (items + 1) * d + (actions + 1) * d + t * d + (n + 1) * d
+    layer = (2 * d  # input LayerNorm
+             + d * h * (2 * dv + 2 * dqk) + h * (2 * dv + 2 * dqk)  # W1, b1
+             + 2 * h * dv  # LayerNorm of A V
+             + h * dv * d + d  # W2, b2
+             + (n + 1) + t)  # rab tables
+    return embeddings + 2 * layer + 2 * d  # + final LayerNorm
+
+
+def test_parameter_count_matches_hand_count():
+    cfg = load_config(preset_path("tiny"))
+    plan = make_plan(cfg, {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}, num_items=120)
+    assert plan.num_params == hand_count_tiny() == 16610
+    assert plan.num_params_item_table == 121 * 32
+    assert plan.bytes_params == 16610 * 4 and plan.bytes_optimizer == 2 * plan.bytes_params
+
+
+def test_flops_per_token_matches_hand_count():
+    cfg = load_config(preset_path("tiny"))
+    d, h, dqk, dv, n = 32, 2, 16, 16, 16
+    layer = 2 * d * h * (2 * dv + 2 * dqk) + 2 * h * (dqk + dv) * (n + 1) / 2 + 2 * h * dv * d
+    assert flops_per_token(cfg, 120) == 2 * layer + 2 * d * 121 == 30400
+
+
+def test_sharding_divides_the_per_device_bytes():
+    cfg = load_config(preset_path("tiny"))
+    one = make_plan(cfg, {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}, num_items=120)
+    fsdp = make_plan(cfg, {"data": 1, "fsdp": 2, "tensor": 1, "expert": 1}, num_items=120)
+    # Every "embed"-named dimension here is 32 (divisible by 2); norms and rab tables stay whole.
+    assert fsdp.bytes_params < one.bytes_params
+    assert fsdp.bytes_params > one.bytes_params / 2
+    assert fsdp.tokens_per_device == one.tokens_per_device // 2
+
+
+def test_dry_run_refuses_what_does_not_fit():
+    cfg = load_config(preset_path("xl"), ["mesh.data=512", "mesh.fsdp=1", "mesh.tensor=1", "mesh.expert=1"])
+    out = io.StringIO()
+    assert dry_run_main(cfg, device_memory_gb=80, out=out) == 3
+    assert "DOES NOT FIT" in out.getvalue() and "fsdp" in out.getvalue()
+    cfg = load_config(preset_path("xl"))
+    out = io.StringIO()
+    assert dry_run_main(cfg, device_memory_gb=80, out=out) == 0
+    assert "33.88 B" in out.getvalue()
