@@ -126,6 +126,16 @@ def _long_windows(items, actions, ts, end: int, opts: CollateOptions, origin: in
     return li, la, lt, n_win
 
 
+def _empty_windows(opts: CollateOptions):
+    shape = (opts.max_long_tokens, opts.long_window)
+    return np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(opts.max_long_tokens, np.int64), 0
+
+
+def _append_windows(lists, windows) -> None:
+    for lst, value in zip(lists, windows):
+        lst.append(value)
+
+
 def collate_train(seqs: EventSequences, rows: np.ndarray, pad_len: int, max_len: int,
                   opts: CollateOptions | None = None) -> dict[str, np.ndarray]:
     """Next-item training batch: inputs are events ``t``, targets events ``t + 1``.
@@ -152,10 +162,7 @@ def collate_train(seqs: EventSequences, rows: np.ndarray, pad_len: int, max_len:
             users.append(int(seqs.user_index[r]) if r >= 0 else 0)
             ctx.append(np.zeros(2, np.int32))
             if opts.multiscale:
-                li_all.append(np.zeros((opts.max_long_tokens, opts.long_window), np.int32))
-                la_all.append(np.zeros((opts.max_long_tokens, opts.long_window), np.int32))
-                lt_all.append(np.zeros(opts.max_long_tokens, np.int64))
-                nlong.append(0)
+                _append_windows((li_all, la_all, lt_all, nlong), _empty_windows(opts))
             continue
         items, acts, ts, wr = ev["items"], ev["actions"], ev["timestamps"], ev["watch_ratio"]
         c0 = L - m  # first candidate (== L when m == 0)
@@ -179,11 +186,7 @@ def collate_train(seqs: EventSequences, rows: np.ndarray, pad_len: int, max_len:
         users.append(int(seqs.user_index[r]))
         ctx.append(request_context(int(req_ts)))
         if opts.multiscale:
-            li, la, lt, nw = _long_windows(items, acts, ts, h0, opts, origin)
-            li_all.append(li)
-            la_all.append(la)
-            lt_all.append(lt)
-            nlong.append(nw)
+            _append_windows((li_all, la_all, lt_all, nlong), _long_windows(items, acts, ts, h0, opts, origin))
     batch = {
         "items": _pad(cols["items"], pad_len, np.int32),
         "actions": _pad(cols["actions"], pad_len, np.int32),
@@ -236,10 +239,7 @@ def collate_eval(es: EvalSet, rows: np.ndarray, pad_len: int, opts: CollateOptio
             users.append(0)
             ctx.append(np.zeros(2, np.int32))
             if opts.multiscale:
-                li_all.append(np.zeros((opts.max_long_tokens, opts.long_window), np.int32))
-                la_all.append(np.zeros((opts.max_long_tokens, opts.long_window), np.int32))
-                lt_all.append(np.zeros(opts.max_long_tokens, np.int64))
-                nlong.append(0)
+                _append_windows((li_all, la_all, lt_all, nlong), _empty_windows(opts))
             continue
         ev = es.history.row(int(r))
         L = len(ev["items"])
@@ -261,11 +261,8 @@ def collate_eval(es: EvalSet, rows: np.ndarray, pad_len: int, opts: CollateOptio
         users.append(int(es.history.user_index[r]))
         ctx.append(request_context(target_ts))
         if opts.multiscale:
-            li, la, lt, nw = _long_windows(ev["items"], ev["actions"], ev["timestamps"], L - n, opts, origin)
-            li_all.append(li)
-            la_all.append(la)
-            lt_all.append(lt)
-            nlong.append(nw)
+            _append_windows((li_all, la_all, lt_all, nlong),
+                            _long_windows(ev["items"], ev["actions"], ev["timestamps"], L - n, opts, origin))
     batch = {
         "items": _pad(items, pad_len, np.int32),
         "actions": _pad(acts, pad_len, np.int32),

@@ -18,8 +18,6 @@ run sees exactly the batches an uninterrupted one would. Metrics go to ``<out>/m
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +35,7 @@ from genrec_jax.semantic_ids.rqvae import (
     RQVAE, collision_rate, deduplicate, encode_codes, kmeans_init, reconstruction_error, restart_dead_codes,
     utilisation,
 )
-from genrec_jax.train.checkpoint import Checkpointer, atomic_write_json, read_json
+from genrec_jax.train.checkpoint import Checkpointer, atomic_write, atomic_write_json, read_json
 
 SUBDIR = "semantic_ids"
 
@@ -77,17 +75,7 @@ class SemanticIDs:
 
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False), mode="wb")
 
 
 def save_semantic_ids(directory: str | Path, sid: SemanticIDs, report: dict | None = None) -> None:
@@ -97,10 +85,8 @@ def save_semantic_ids(directory: str | Path, sid: SemanticIDs, report: dict | No
     _atomic_save_npy(d / "codes.npy", np.asarray(sid.codes, np.int32))
     _atomic_save_npy(d / "code_to_item.npy", sid.code_to_item())
     if sid.feature_mean is not None:
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".features_norm.", suffix=".npz")
-        os.close(fd)
-        np.savez(tmp, mean=sid.feature_mean, std=sid.feature_std)
-        os.replace(tmp, d / "features_norm.npz")
+        atomic_write(d / "features_norm.npz",
+                     lambda f: np.savez(f, mean=sid.feature_mean, std=sid.feature_std), mode="wb")
     if report is not None:
         atomic_write_json(d / "report.json", report)
     atomic_write_json(d / "meta.json", {**sid.meta, "code_sizes": list(sid.code_sizes), "num_items": sid.num_items})
