@@ -36,8 +36,9 @@ PUBLISHED = {
     },
 }
 PRESET = {"beauty": "beauty", "ml1m": "ml1m", "synthetic": "synthetic"}
-# SASRec as usually tuned on these sets: FFN width = embedding width, softmax attention.
-ARCH_OVERRIDES = {"hstu": [], "sasrec": ["model.arch=sasrec", "model.ffn_dim=64", "model.attn_dropout=0.2"]}
+# SASRec as usually tuned on these sets: FFN width = embedding width, softmax attention
+# (the width is filled in from the preset's model.embed_dim).
+ARCH_OVERRIDES = {"hstu": [], "sasrec": ["model.arch=sasrec", "model.ffn_dim={embed_dim}", "model.attn_dropout=0.2"]}
 
 
 def table(rows: dict[str, dict], cols: list[str]) -> str:
@@ -93,8 +94,9 @@ def main(argv=None) -> int:
     timings = {}
     for arch in args.models.split(","):
         try:
-            cfg = load_config(preset_path(PRESET[args.dataset]),
-                              [f"data.fit={args.fit}", *ARCH_OVERRIDES[arch], *args.overrides])
+            base = load_config(preset_path(PRESET[args.dataset]), args.overrides)
+            arch_ov = [o.format(embed_dim=base.model.embed_dim) for o in ARCH_OVERRIDES[arch]]
+            cfg = load_config(preset_path(PRESET[args.dataset]), [f"data.fit={args.fit}", *arch_ov, *args.overrides])
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             return 2

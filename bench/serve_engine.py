@@ -100,10 +100,16 @@ def build(args):
         sizes = tuple(cfg.rqvae.codebook_sizes) + (max(8, cfg.rqvae.dedup_size),)
         rng = np.random.default_rng(0)
         space = int(np.prod(sizes, dtype=np.int64))
-        flat = rng.choice(space, n_items, replace=False) if space < 10**8 else rng.integers(0, space, n_items)
-        codes = np.stack(np.unravel_index(np.unique(flat)[:n_items], sizes), 1)
-        if len(codes) < n_items:
-            raise SystemExit("could not draw unique semantic IDs; lower --num-items")
+        if space < n_items:
+            raise SystemExit(f"{n_items} items do not fit {space} semantic IDs; lower --num-items")
+        if space < 10**8:
+            flat = rng.choice(space, n_items, replace=False)
+        else:  # too large to permute: draw with replacement until n_items distinct codes
+            flat = np.unique(rng.integers(0, space, n_items + n_items // 4 + 16))
+            while len(flat) < n_items:
+                flat = np.unique(np.concatenate([flat, rng.integers(0, space, n_items)]))
+            flat = rng.permutation(flat)[:n_items]
+        codes = np.stack(np.unravel_index(flat, sizes), 1)
         codes = np.concatenate([np.zeros((1, len(sizes)), np.int64), codes]).astype(np.int32)
     model = build_model(cfg.model, num_items=n_items, num_actions=5, max_len=args.history_len, item_codes=codes,
                         code_sizes=sizes, action_names=("view", "like", "share", "skip", "purchase"))
@@ -177,7 +183,7 @@ def time_engine(engine, mode, b, args, seed):
         dt = time.perf_counter() - t0
         if it >= 2:
             lat.append(dt)
-        if time.perf_counter() > t_end:
+        if lat and time.perf_counter() > t_end:  # the time limit never leaves a mode without a sample
             break
     return lat
 
@@ -195,7 +201,7 @@ def time_naive(naive, mode, args, seed):
             naive.recommend(h, args.k, "generative" if mode == "generative" else "retrieval")
         if i > 0:  # the first call compiles (exact shapes, no ahead-of-time compile)
             lat.append(time.perf_counter() - t0)
-        if time.perf_counter() > t_end:
+        if lat and time.perf_counter() > t_end:  # at least one timed request, whatever the limit
             break
     return lat
 

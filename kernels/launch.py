@@ -22,7 +22,12 @@ order, then one pointer per output, then constexpr meta-parameters by keyword). 
 
 Pick the mode with the ``mode=`` argument, the :func:`launch_mode` context manager, or the
 environment (``GENREC_TRITON_LAUNCH=interpret|torch|jax_triton``; ``TRITON_INTERPRET=1``
-implies ``interpret``). Nothing here imports triton, torch or jax-triton at module import.
+implies ``interpret``).
+
+Autotuning costs a compile of every configuration at every call site whose autotune key
+is new (jax-triton does not share results between call sites): minutes for a deep model.
+``GENREC_TRITON_AUTOTUNE=0`` skips it and launches each kernel's first configuration (the
+list is ordered so the first is a good default on Hopper). Nothing here imports triton, torch or jax-triton at module import.
 
 Interpreter notes (triton 3.6): kernel arguments must be torch tensors (the interpreter
 copies storages), nested ``@triton.jit`` helpers are swapped for interpreted twins while a
@@ -59,6 +64,32 @@ def default_mode() -> str:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return "interpret"
     return "jax_triton"
+
+
+class _DropAutotuneKeyWarning:
+    """jax-triton warns at every lowering that the autotune key leaves out scalar arguments.
+    Ours are the score scale and the bias-table sizes, which do not change which block shape
+    is fastest: the warning says nothing actionable, and a deep model prints it hundreds of
+    times."""
+
+    def filter(self, record) -> bool:
+        return "Auto-tuning key does not include all scalar arguments" not in record.getMessage()
+
+
+_warning_filter = _DropAutotuneKeyWarning()
+
+
+def _quiet_autotune_warning() -> None:
+    import logging
+
+    log = logging.getLogger("absl")
+    if _warning_filter not in log.filters:
+        log.addFilter(_warning_filter)
+
+
+def autotune_enabled() -> bool:
+    """False when ``GENREC_TRITON_AUTOTUNE`` is 0/false/off: autotuned kernels run their first config."""
+    return os.environ.get("GENREC_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def current_mode() -> str:
@@ -144,8 +175,12 @@ def triton_call(
     args = tuple(np.float32(a) if isinstance(a, float) else a for a in args)
     if mode == "jax_triton":
         import jax_triton as jt
+
+        _quiet_autotune_warning()
         from triton.runtime.autotuner import Autotuner
 
+        if config is None and isinstance(kernel, Autotuner) and not autotune_enabled():
+            config = autotune_configs(kernel)[0]
         if config is None:
             if isinstance(kernel, Autotuner):
                 # jax-triton assigns early_config_prune/nargs on the object at every lowering,
