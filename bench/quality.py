@@ -124,7 +124,8 @@ def main(argv=None) -> int:
     for name, r in PUBLISHED.get(args.dataset, {}).items():
         rows[name] = r
     cols = ["HR@5", "NDCG@5", "HR@10", "NDCG@10", "MRR"]
-    print(f"\n{args.dataset}: leave-one-out, full ranking, fitted on {args.fit}; "
+    print(f"\n{args.dataset}: leave-one-out, full ranking, fitted on {args.fit}, "
+          f"exclude_history={cfg.eval.exclude_history}; "
           + ", ".join(f"{a} trained in {t:.0f} s" for a, t in timings.items()))
     print(table(rows, cols))
     print("(HR@K equals Recall@K with one held-out item per user.)")

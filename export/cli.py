@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: skipped ({why})")
     status = 0
 
-    lint = {p.name: trt_lint.lint_model(p) for p in sorted(out.glob("*.onnx"))}
+    # The graphs this export wrote (not whatever else *.onnx sits in the folder).
+    written = [f for g in result.manifest.graphs.values() for f in (g.file, g.fp16_file) if f]
+    lint = {name: trt_lint.lint_model(out / name) for name in sorted(written)}
     (out / "lint.json").write_text(json.dumps({k: [dataclasses.asdict(i) for i in v] for k, v in lint.items()},
                                               indent=2) + "\n")
     n_err = sum(i.severity == "error" for v in lint.values() for i in v)

@@ -238,7 +238,12 @@ class ServeConfig:
     batch_buckets: list[int] = dataclasses.field(default_factory=lambda: [1, 4, 16, 64])
     seq_buckets: list[int] = dataclasses.field(default_factory=lambda: [16, 64])
     max_wait_ms: float = 2.0
-    queue_size: int = 1024
+    # Jobs waiting for a batch; more get 503 at once. Past saturation a deep queue turns
+    # quick refusals into slow answers and timeouts (bench/serve_load.py, tiny model, 2 CPU
+    # cores, 800 req/s offered, ~400/s sustainable: 1024 -> admitted p99 3.0 s and 930
+    # 504s; 128 -> 3.2 s; 64 -> 0.96 s; 32 -> 0.27-0.58 s; no 504s at 64 or 32). Keep it at
+    # least the largest batch bucket so full batches can form; raise both together on a GPU.
+    queue_size: int = 64
     timeout_ms: float = 1000.0
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     prefix_cache_users: int = 10000

@@ -289,7 +289,8 @@ def run(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: boo
             shown = (5, 10) if cfg.model.decoder.enabled else (10,)  # generative rows: TIGER's columns
             ks = [f"HR@{k}" for k in shown if k in cfg.eval.ks] + [f"NDCG@{k}" for k in shown if k in cfg.eval.ks]
             cols = ks + ["MRR", "Coverage", "Gini"]
-            log(f"\nTest set, leave-one-out, full ranking over {ctx.dataset.num_items} items "
+            hist = "history items removed" if cfg.eval.exclude_history else "history items kept"
+            log(f"\nTest set, leave-one-out, full ranking over {ctx.dataset.num_items} items, {hist} "
                 f"({len(ctx.split.test)} users):\n" + format_table(results, cols))
             ctx.logger.log(ctx.step, "test", {f"{m}/{k}": v for m, r in results.items() for k, v in r.items()})
             atomic_write_json(Path(run_dir) / "results.json", {"step": ctx.step, "test": results})

@@ -20,6 +20,8 @@ def test_cli_exports_and_its_checks_pass(tiny_export):
               "triton/encoder/config.pbtxt", "triton/ranker/config.pbtxt", "triton/README.md"):
         assert (out / f).exists(), f"{f} missing from the export"
     assert "decode_step: skipped" in text  # the tiny preset has no semantic-ID decoder
+    linted = json.loads((out / "lint.json").read_text())
+    assert sorted(linted) == ["encoder.fp16.onnx", "encoder.onnx", "ranker.fp16.onnx", "ranker.onnx"]
 
 
 def test_manifest_lists_exactly_what_the_graphs_contain(tiny_export):
