@@ -54,7 +54,6 @@ def tiny_export(tiny_run, tmp_path_factory):
     from genrec_jax.export.cli import main
 
     out = tmp_path_factory.mktemp("tiny_export")
-    (out / "stray.onnx").write_bytes(b"not ours")  # a file the export did not write: never linted
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = main(["--checkpoint", str(tiny_run), "--out", str(out), "--parity-users", "16"])

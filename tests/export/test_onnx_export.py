@@ -24,6 +24,17 @@ def test_cli_exports_and_its_checks_pass(tiny_export):
     assert sorted(linted) == ["encoder.fp16.onnx", "encoder.onnx", "ranker.fp16.onnx", "ranker.onnx"]
 
 
+def test_cli_lints_only_what_it_wrote(tiny_run, tmp_path, capsys):
+    """Exporting into a folder that already holds other .onnx files: those are not ours to judge."""
+    from genrec_jax.export.cli import main
+
+    (tmp_path / "stray.onnx").write_bytes(b"not an ONNX file")
+    rc = main(["--checkpoint", str(tiny_run), "--out", str(tmp_path), "--graphs", "encoder", "--no-fp16",
+               "--parity-users", "4"])
+    assert rc == 0, capsys.readouterr().out
+    assert sorted(json.loads((tmp_path / "lint.json").read_text())) == ["encoder.onnx"]
+
+
 def test_manifest_lists_exactly_what_the_graphs_contain(tiny_export):
     out, _, _ = tiny_export
     m = read_manifest(out)
