@@ -15,7 +15,6 @@ Three tiers:
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import zlib
 
@@ -25,27 +24,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-HAVE_TORCH = importlib.util.find_spec("torch") is not None
-
-needs_interpreter = pytest.mark.skipif(
-    not (HAVE_TRITON and HAVE_TORCH),
-    reason="needs triton and torch (CPU) for the Triton interpreter; CI installs neither (intended)",
-)
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (static sm_90 compile)")
-
-
-def _gpu_ready() -> bool:
-    try:
-        if not any(d.platform == "gpu" for d in jax.devices()):
-            return False
-        import jax_triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-needs_gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA GPU and jax-triton")
+from tests.kernels.markers import needs_gpu, needs_interpreter, needs_triton
 
 
 def seed_of(*parts) -> int:

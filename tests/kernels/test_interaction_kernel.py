@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -18,26 +17,7 @@ import pytest
 
 from genrec_jax.ops.interaction import pairwise_interaction, pairwise_interaction_reference
 
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-HAVE_TORCH = importlib.util.find_spec("torch") is not None
-needs_interpreter = pytest.mark.skipif(
-    not (HAVE_TRITON and HAVE_TORCH),
-    reason="needs triton and torch (CPU) for the Triton interpreter; CI installs neither (intended)",
-)
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (static sm_90 compile)")
-
-
-def _gpu_ready() -> bool:
-    try:
-        if not any(d.platform == "gpu" for d in jax.devices()):
-            return False
-        import jax_triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-needs_gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA GPU and jax-triton")
+from tests.kernels.markers import needs_gpu, needs_interpreter, needs_triton
 
 SHAPES = [  # B, F, D, Dd
     (5, 7, 33, 3),
