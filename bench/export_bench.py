@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -38,6 +37,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import write_rows  # noqa: E402
 
 
 def encoder_flops(model, b: int, l_: int) -> float:
@@ -182,10 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         gf = f"{r['gflop_per_s']:8.2f}" if "gflop_per_s" in r else f"{'':8s}"
         print(f"{r['component']:12s} {r['backend']:12s} {r['batch']:5d} {r['p50_ms']:9.3f} {r['p90_ms']:9.3f} "
               f"{r['rows_per_s']:9.1f} {gf}")
-    if args.json:
-        with open(args.json, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    write_rows(args.json, rows)
     return 0
 
 

@@ -22,7 +22,6 @@ Prints a PASS/FAIL table; ``--json`` writes one object per row; exits 1 on any f
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -34,6 +33,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.common import write_rows  # noqa: E402
 
 ALL_GROUPS = ("attention", "configs", "jagged", "torch", "cached", "interaction", "reference")
 
@@ -437,11 +437,7 @@ def main(argv=None) -> int:
         print(f"{r['status']:6s} {r['kernel']:22s} {r['case'][:44]:44s} {r['dtype']:9s} {r['mode']:10s} "
               f"{r['check']:12s} {r['error']:9.2e} {r['tol']:7.0e}")
     print(f"{len(R.rows) - len(fails)} PASS, {len(fails)} FAIL in {time.time() - t0:.0f} s")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(R.rows, fh, indent=1, default=float)
-        print(f"wrote {args.json}")
+    write_rows(args.json, R.rows)
     return 1 if fails else 0
 
 

@@ -25,7 +25,6 @@ input sets with one ``block_until_ready`` per round; the median over rounds of
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -36,6 +35,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.common import pyplot, write_rows  # noqa: E402
 
 
 def gpu_ready() -> tuple[bool, str]:
@@ -262,13 +262,8 @@ def format_row(r: dict) -> str:
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not importable: no plot written")
+    plt = pyplot(path)
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, what in zip(axes, ("fwd", "fwd+bwd")):
@@ -325,10 +320,7 @@ def main(argv=None) -> int:
     print("TFLOP/s: forward = 4*H*D*sum(len^2)/2, backward = 2.5 x forward; GB/s: compulsory bytes / time")
     for r in rows[1:]:
         print(format_row(r))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
-        print(f"wrote {args.json}")
+    write_rows(args.json, rows)
     if args.plot:
         plot(rows, args.plot)
     return 0

@@ -13,13 +13,13 @@ events, plus the published rows of the same split for reference.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.common import pyplot, write_rows  # noqa: E402
 
 from genrec_jax.config import ConfigError, load_config, preset_path  # noqa: E402
 
@@ -51,13 +51,8 @@ def table(rows: dict[str, dict], cols: list[str]) -> str:
 
 
 def plot_curves(runs: dict[str, Path], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'genrec-jax[plot]')")
+    plt = pyplot(path)
+    if plt is None:
         return
     from genrec_jax.train.logging import read_metrics
 
@@ -129,11 +124,8 @@ def main(argv=None) -> int:
           + ", ".join(f"{a} trained in {t:.0f} s" for a, t in timings.items()))
     print(table(rows, cols))
     print("(HR@K equals Recall@K with one held-out item per user.)")
-    if args.json:
-        with open(args.json, "w") as f:
-            for name, r in rows.items():
-                f.write(json.dumps({"dataset": args.dataset, "model": name, "fit": args.fit,
-                                    **{k: v for k, v in r.items() if isinstance(v, (int, float))}}) + "\n")
+    write_rows(args.json, [{"dataset": args.dataset, "model": name, "fit": args.fit,
+                            **{k: v for k, v in r.items() if isinstance(v, (int, float))}} for name, r in rows.items()])
     if args.plot:
         plot_curves({f"{a}": d for a, d in runs.items()}, args.plot)
     return 0

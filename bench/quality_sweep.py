@@ -44,6 +44,7 @@ import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.common import pyplot, write_rows  # noqa: E402
 
 from genrec_jax.config import ConfigError, load_config, preset_path  # noqa: E402
 
@@ -184,13 +185,8 @@ def table(rows: list[tuple[str, dict]], cols: list[str]) -> str:
 
 
 def plot(valid: list[dict], metric: str, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'genrec-jax[plot]')")
+    plt = pyplot(path)
+    if plt is None:
         return
     names = [f"{r['arch']}:{r['name']}" for r in valid]
     vals = [r["metrics"][metric] for r in valid]
@@ -299,11 +295,7 @@ def main(argv=None) -> int:
         print(f"\n{dataset}: test split, fit on train+valid, every user, full ranking, exclude_history={exclude}")
         print(table(rows, METRICS))
     print(f"\nsweep took {time.perf_counter() - t0:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            for r in rows_json:
-                f.write(json.dumps(r) + "\n")
-        print(f"wrote {args.json}")
+    write_rows(args.json, rows_json)
     if args.plot and valid:
         plot(valid, metric, args.plot)
     return 0

@@ -21,7 +21,6 @@ are quality benchmarks (wall-clock seconds are reported per stage).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -29,8 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from genrec_jax.config import load_config, preset_path
-from genrec_jax.eval.evaluate import evaluate_baselines, format_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import write_rows  # noqa: E402
+from genrec_jax.config import load_config, preset_path  # noqa: E402
+from genrec_jax.eval.evaluate import evaluate_baselines, format_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,13 +45,6 @@ SYNTHETIC_OVERRIDES = [
     "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=100", "eval.ks=[5,10,20,50]",
     "eval.batch_size=256", "rqvae.num_steps=2000",
 ]
-
-
-def write_rows(path: str | None, rows: list[dict]) -> None:
-    if path:
-        with open(path, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
 
 
 def _train(cfg, out: Path, fit: str, progress: bool):

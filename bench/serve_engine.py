@@ -28,7 +28,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from bench.common import pyplot, write_rows  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -249,10 +249,7 @@ def main(argv=None) -> int:
         sp = [r["speedup"] for r in rows if r["mode"] == mode and r.get("speedup")]
         if sp:
             print(f"speed-up {mode}: {sp[0]:.1f}x (best optimised throughput / naive)")
-    if args.json:
-        with open(args.json, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    write_rows(args.json, rows)
     if args.plot:
         plot(rows, args.plot)
     return 0
@@ -272,13 +269,8 @@ def print_row(row):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"# --plot {path}: matplotlib is not installed; skipped")
+    plt = pyplot(path)
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for mode in sorted({r["mode"] for r in rows}):

@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.common import pyplot, write_rows  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -349,13 +351,8 @@ def print_row(r):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"# --plot {path}: matplotlib is not installed; skipped")
+    plt = pyplot(path)
+    if plt is None:
         return
     x = [r["offered_rps"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -394,10 +391,7 @@ def main(argv=None) -> int:
         rows = asyncio.run(run_all(url, args))
     finally:
         stop_server(proc)
-    if args.json:
-        with open(args.json, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    write_rows(args.json, rows)
     if args.plot:
         plot(rows, args.plot)
     return 0

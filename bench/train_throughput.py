@@ -17,7 +17,6 @@ per-device efficiency (tokens/s per device on N devices / tokens/s on one).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.common import write_rows  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -157,10 +157,7 @@ def main(argv=None) -> int:
             eff = r["tokens_per_s"] / r["devices"] / one[r["backend"]]["tokens_per_s"]
             r["scaling_efficiency"] = eff
             print(f"{r['backend']}: {r['devices']} devices, per-device efficiency {100 * eff:.1f}%")
-    if args.json:
-        with open(args.json, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    write_rows(args.json, rows)
     return 0
 
 
