@@ -112,6 +112,23 @@ def copy_bandwidth() -> float:
     return 2 * 2**31 / med
 
 
+def reference_gathered_bias(q, k, v, lengths, *, alpha, max_len, norm, pos_bias=None, time_bias=None,
+                            timestamps=None, query_timestamps=None):
+    """The XLA reference with the bias as a plain gather over [B, N, N] indices (its gradient
+    a scatter-add): the formulation the reference used before its scatter-free bias."""
+    import jax.numpy as jnp
+
+    from genrec_jax.ops import hstu_attention as ops
+
+    n = q.shape[1]
+    pos = ops.token_positions(lengths, n, None)
+    rel = jnp.clip(pos[:, :, None] - pos[:, None, :], 0, pos_bias.shape[0] - 1)
+    dt = query_timestamps[:, :, None] - timestamps[:, None, :]
+    bias = pos_bias[rel] + time_bias[ops.time_bucket(dt, time_bias.shape[0])]
+    return ops.hstu_attention_dense(q, k, v, ops.attention_mask(lengths, n), bias[:, None], alpha=alpha, norm=norm,
+                                    max_len=max_len)
+
+
 def attention_rows(ns, b, h, d, rabs, skip_xla_above):
     import jax
     import jax.numpy as jnp
@@ -140,8 +157,10 @@ def attention_rows(ns, b, h, d, rabs, skip_xla_above):
                              tb=jax.random.normal(kk, (64,), jnp.float32) * 0.1,
                              cot=jax.random.normal(kt, (b, n, h, d), jnp.bfloat16)))
         for rab in rabs:
-            for impl in ("triton", "triton-dqsep", "xla"):
-                attn = hstu_attention_reference if impl == "xla" else hstu_attention_triton
+            impls = ("triton", "triton-dqsep", "xla") + (("xla-gather",) if rab == "pos+time" else ())
+            for impl in impls:
+                attn = {"xla": hstu_attention_reference, "xla-gather": reference_gathered_bias}.get(
+                    impl, hstu_attention_triton)
                 kw = dict(alpha=1 / math.sqrt(d), max_len=n, norm="max_len")
                 if impl == "triton-dqsep":
                     kw["dq_mode"] = "separate"
@@ -168,7 +187,7 @@ def attention_rows(ns, b, h, d, rabs, skip_xla_above):
                         continue  # same forward kernel as "triton"
                     row = dict(kernel="hstu_attention", impl=impl, pass_=what, rab=rab, B=b, N=n, H=h, D=d,
                                dtype="bfloat16", flop=flop)
-                    if impl == "xla" and skip_xla_above and n > skip_xla_above:
+                    if impl.startswith("xla") and skip_xla_above and n > skip_xla_above:
                         row.update(status="skipped")
                     else:
                         try:
@@ -267,7 +286,7 @@ def plot(rows, path):
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, what in zip(axes, ("fwd", "fwd+bwd")):
-        for impl in ("triton", "triton-dqsep", "xla"):
+        for impl in ("triton", "triton-dqsep", "xla", "xla-gather"):
             for rab in sorted({r["rab"] for r in rows if r["kernel"] == "hstu_attention"}):
                 pts = [(r["N"], r["tflops"]) for r in rows if r["kernel"] == "hstu_attention" and r["impl"] == impl
                        and r["pass_"] == what and r["rab"] == rab and r.get("status") == "ok"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.common import write_rows  # noqa: E402
+from bench.common import print_trace_summary, summarize_trace, write_rows  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -87,7 +87,7 @@ def time_config(cfg, devices, steps: int, warmup: int, profile: str | None = Non
         state, m = steps_b.train_step(state, batches[i % 3])
     jax.block_until_ready(m)
     if profile:
-        jax.profiler.start_trace(profile)
+        jax.profiler.start_trace(profile, create_perfetto_trace=True)
     times = []
     for i in range(steps):
         t = time.perf_counter()
@@ -117,21 +117,24 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="skip the matmul measurement")
-    p.add_argument("--profile", default=None, help="write a jax.profiler trace of the timed steps here")
+    p.add_argument("--profile", default=None,
+                   help="write a jax.profiler trace of the timed steps under DIR/<backend>-<n>dev and print "
+                        "where the device time goes (kernel classes and the top kernels)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     devices = jax.devices()
     peak = args.peak_tflops or measure_peak_tflops()
-    rows = []
+    rows, profile_rows = [], []
     for backend in args.attention.split(","):
         cfg = load_config(args.config, [*args.overrides, f"model.attention_backend={backend}"])
         fpt = 3 * flops_per_token(cfg, cfg.data.synthetic.num_items)
         layouts = [[devices[0]]] + ([devices] if args.scaling and len(devices) > 1 else [])
         for devs in layouts:
             cfg.mesh = MeshConfig(data=len(devs))
+            prof = None if not args.profile else str(Path(args.profile) / f"{backend}-{len(devs)}dev")
             try:
-                r = time_config(cfg, devs, args.steps, args.warmup, args.profile)
+                r = time_config(cfg, devs, args.steps, args.warmup, prof)
             except RuntimeError as e:  # e.g. triton requested without a GPU
                 print(f"{backend}: {e}")
                 continue
@@ -139,6 +142,10 @@ def main(argv=None) -> int:
                      flops_per_token=fpt, peak_tflops_measured=peak,
                      mfu=fpt * r["tokens_per_s"] / (peak * 1e12 * r["devices"]))
             rows.append(r)
+            if prof:
+                summary = summarize_trace(prof, args.steps)
+                print_trace_summary(summary, f"profile of {backend} on {len(devs)} device(s), {prof}")
+                profile_rows += [{"bench": "profile", "backend": backend, "devices": len(devs), **x} for x in summary]
     if not rows:
         return 1
     head = f"{'backend':<8}{'devices':>8}{'step ms':>10}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'compile s':>10}"
@@ -157,7 +164,7 @@ def main(argv=None) -> int:
             eff = r["tokens_per_s"] / r["devices"] / one[r["backend"]]["tokens_per_s"]
             r["scaling_efficiency"] = eff
             print(f"{r['backend']}: {r['devices']} devices, per-device efficiency {100 * eff:.1f}%")
-    write_rows(args.json, rows)
+    write_rows(args.json, rows + profile_rows)
     return 0
 
 

@@ -105,7 +105,7 @@ def _fwd_range(
             else:
                 ts_n = tl.load(TS + offs_n, mask=offs_n < hi, other=0)
             s += tl.load(TIME_BIAS + _time_bucket(qts_m[:, None] - ts_n[None, :], num_buckets))
-        a = s / (1.0 + tl.exp(-s))  # SiLU, [BM, BN]
+        a = tl.fdiv(s, 1.0 + tl.exp(-s))  # SiLU, [BM, BN] (approximate division: div.full.f32)
         if MASK == 1:
             a = tl.where((offs_n < hi)[None, :], a, 0.0)
         if MASK == 2:
@@ -239,7 +239,7 @@ def _bwd_range(
             qts_m = tl.load(QTS + offs_m, mask=row_ok, other=0)
             bkt = _time_bucket(qts_m[None, :] - ts_n[:, None], num_buckets)  # [BN, BM] int32
             st += tl.load(TIME_BIAS + bkt)
-        sig = 1.0 / (1.0 + tl.exp(-st))
+        sig = tl.fdiv(1.0, 1.0 + tl.exp(-st))
         if NORM_COUNT:
             inv_n = 1.0 / (pos_m + 1).to(tl.float32)  # [BM]
         else:
@@ -431,7 +431,7 @@ def _dq_range(
             else:
                 ts_n = tl.load(TS + offs_n, mask=offs_n < hi, other=0)
             s += tl.load(TIME_BIAS + _time_bucket(qts_m[:, None] - ts_n[None, :], num_buckets))
-        sig = 1.0 / (1.0 + tl.exp(-s))
+        sig = tl.fdiv(1.0, 1.0 + tl.exp(-s))
         da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN] = dA
         ds = da * inv_n[:, None] * sig * (1.0 + s * (1.0 - sig))  # [BM, BN] = dS
         if MASK == 1:
@@ -587,7 +587,7 @@ def _hstu_cached_kernel(
             ts_n = tl.load(K_TS + b64 * cache_len + offs_n, mask=key_ok, other=0)
             s += tl.load(TIME_BIAS + _time_bucket(qts[:, None] - ts_n[None, :], num_buckets))
         vis = (offs_n[None, :] <= qp[:, None]) & key_ok[None, :]
-        a = tl.where(vis, s / (1.0 + tl.exp(-s)), 0.0)
+        a = tl.where(vis, tl.fdiv(s, 1.0 + tl.exp(-s)), 0.0)
         count += tl.sum(vis.to(tl.float32), axis=1)
         acc = tl.dot(a.to(v.dtype), v, acc, input_precision=PRECISION)
     if HAS_HIST:
@@ -602,7 +602,7 @@ def _hstu_cached_kernel(
         if HAS_TIME:
             ts_own = tl.load(K_TS + b64 * cache_len + qp, mask=own, other=0)
             s_own += tl.load(TIME_BIAS + _time_bucket(qts - ts_own, num_buckets))
-        a_own = tl.where(own, s_own / (1.0 + tl.exp(-s_own)), 0.0)
+        a_own = tl.where(own, tl.fdiv(s_own, 1.0 + tl.exp(-s_own)), 0.0)
         a_own = a_own.to(v_own.dtype).to(tl.float32)  # same rounding as the tiled path
         acc += a_own[:, None] * v_own.to(tl.float32)
         count += own.to(tl.float32)

@@ -203,3 +203,42 @@ def test_backend_choice_on_cpu():
     if not any(d.platform == "gpu" for d in jax.devices()):
         with pytest.raises(RuntimeError, match="jax-triton"):
             resolve_backend("triton")
+
+
+@functools.partial(jax.jit, static_argnames=("n", "scatter_free"))
+def _bias_loss_and_grads(pos_bias, time_bias, lengths, nt, ts, qts, w, *, n, scatter_free):
+    def loss(p, t):
+        if scatter_free:
+            bias = ops.self_attention_bias(n, lengths, nt, p, qts, ts, t)
+        else:
+            pos = ops.token_positions(lengths, n, nt)
+            bias = ops.relative_bias(pos, pos, p, qts, ts, t)
+        return jnp.sum(bias * w)
+
+    return jax.value_and_grad(loss, argnums=(0, 1))(pos_bias, time_bias)
+
+
+@given(n=st.sampled_from([1, 2, 7, 16]), num_pos=st.sampled_from([1, 3, 9, 40]), with_targets=st.booleans(),
+       seed=st.integers(0, 10_000))
+def test_scatter_free_bias_equals_gathered_bias_and_its_gradient(n, num_pos, with_targets, seed):
+    """The reference's bias (Toeplitz position part, compare-and-sum time gradient) is the
+    gather over token positions, in value and in both tables' float64 gradients."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(seed)
+        b = 3
+        lengths = jnp.asarray(rng.integers(1, n + 1, b), jnp.int32)
+        nt = jnp.minimum(jnp.asarray(rng.integers(0, 4, b), jnp.int32), lengths) if with_targets else None
+        args = (
+            jnp.asarray(rng.normal(size=num_pos), jnp.float64),  # position table
+            jnp.asarray(rng.normal(size=9), jnp.float64),  # time-bucket table
+            lengths, nt,
+            jnp.asarray(np.sort(rng.integers(0, 10**7, (b, n)), axis=1)),
+        )
+        qts = args[-1] + jnp.asarray(rng.integers(0, 10**5, (b, n)))
+        w = jnp.asarray(rng.normal(size=(b, 1, n, n)), jnp.float64)
+        v_ref, g_ref = _bias_loss_and_grads(*args, qts, w, n=n, scatter_free=False)
+        v_new, g_new = _bias_loss_and_grads(*args, qts, w, n=n, scatter_free=True)
+        np.testing.assert_allclose(v_new, v_ref, rtol=1e-12)
+        for x, y in zip(g_new, g_ref):
+            assert x.dtype == jnp.float64 and np.all(np.isfinite(x))
+            np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12)
