@@ -29,6 +29,10 @@ class GroupLayerNorm(nnx.Module):
         if token_types is None:  # plain event sequence: every token is an event
             token_types = jnp.full(x.shape[:-1], TOKEN_EVENT, jnp.int32)
         y = layer_norm(x, self.eps)
-        scale = jnp.take(self.scale[...], token_types, axis=0).astype(y.dtype)
-        bias = jnp.take(self.bias[...], token_types, axis=0).astype(y.dtype)
+        # Select rows by a one-hot product rather than a gather: the gather's gradient is a
+        # scatter-add of every token into a handful of rows, which serialises on atomics on a
+        # GPU; the product's gradient is a [num_types, D] matrix product.
+        onehot = jax.nn.one_hot(token_types, self.scale.shape[0], dtype=jnp.float32)
+        scale = jnp.einsum("...t,td->...d", onehot, self.scale[...].astype(jnp.float32)).astype(y.dtype)
+        bias = jnp.einsum("...t,td->...d", onehot, self.bias[...].astype(jnp.float32)).astype(y.dtype)
         return y * scale + bias

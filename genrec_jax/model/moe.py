@@ -60,17 +60,20 @@ class MoEFFN(nnx.Module):
     def _experts_dropless(self, x, top_e, gates):
         t, k = top_e.shape
         e = self.cfg.num_experts
-        flat_e = top_e.reshape(-1)  # [T*k]
-        order = jnp.argsort(flat_e, stable=True)
-        token_of = order // k  # source token of each sorted copy
-        xs = jnp.take(x, token_of, axis=0)  # [T*k, D]
+        flat_e = top_e.reshape(-1)  # [T*k], copy c of token c // k
+        order = jnp.argsort(flat_e, stable=True)  # a permutation: sorted copy -> copy
+        # Every gather below reads a permutation (unique indices), so its gradient is a plain
+        # permuted write, not a scatter-add of many rows into few; the k copies of a token
+        # are summed by a reshape.
+        xs = jnp.repeat(x, k, axis=0).at[order].get(unique_indices=True)  # [T*k, D]
         sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
-        es = flat_e[order]
-        h = jax.lax.ragged_dot(xs, self.w1[...].astype(self.dtype), sizes) + jnp.take(self.b1[...], es, axis=0).astype(self.dtype)
+        es = jax.nn.one_hot(flat_e[order], e, dtype=self.dtype)  # [T*k, E] expert of each row
+        h = jax.lax.ragged_dot(xs, self.w1[...].astype(self.dtype), sizes) + es @ self.b1[...].astype(self.dtype)
         y = jax.lax.ragged_dot(jax.nn.gelu(h), self.w2[...].astype(self.dtype), sizes)
-        y = y + jnp.take(self.b2[...], es, axis=0).astype(self.dtype)
-        g = gates.reshape(-1)[order].astype(y.dtype)
-        return jnp.zeros_like(x).at[token_of].add(y * g[:, None])
+        y = y + es @ self.b2[...].astype(self.dtype)
+        y = y * gates.reshape(-1).at[order].get(unique_indices=True).astype(y.dtype)[:, None]
+        inverse = jnp.argsort(order)  # copy -> its row in the sorted order
+        return y.at[inverse].get(unique_indices=True).reshape(t, k, -1).sum(axis=1)
 
     def __call__(self, x: jax.Array, valid: jax.Array | None = None, key: jax.Array | None = None,
                  routing: str | None = None):

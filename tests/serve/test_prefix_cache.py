@@ -79,4 +79,9 @@ def test_eviction_keeps_results_exact(engine):
         h = hist(9, seed=100 + i)
         got = engine.process([RecommendJob(h, 5, user_id=u)])[0]
         np.testing.assert_array_equal(got.items, engine.process([RecommendJob(h, 5)])[0].items)
+    # The newest user is still cached: the same history again is a hit, whatever ran before
+    # this test on the shared engine (test order differs under pytest-xdist).
+    hits = engine.prefix.hits
+    engine.process([RecommendJob(hist(6, seed=100 + len(users) - 1), 5, user_id=users[-1])])
+    assert engine.prefix.hits == hits + 1
     assert 0.0 < engine.prefix.hit_rate() < 1.0
