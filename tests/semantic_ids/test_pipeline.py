@@ -100,5 +100,7 @@ def test_cold_start_items_are_recommended_without_retraining(trained):
                  if k != "history_items"}
         items, _ = fn(state, batch, res.trie)
         hits.append(float(np.mean((np.asarray(items) == item).any(1))))
-    # An item lands next to its nearest existing neighbour; most of them reach their users.
-    assert np.mean(np.array(hits) > 0) >= 0.5, f"cold-start items rarely reach their cluster's users: {hits}"
+    # Each item joins a path the decoder writes for its content neighbours' users, so every one
+    # reaches users of its cluster (placing items by RQ-VAE latent alone misses some here).
+    hits = np.array(hits)
+    assert (hits > 0).all() and hits.mean() >= 0.35, f"cold-start items miss their cluster's users: {hits}"
