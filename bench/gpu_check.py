@@ -341,37 +341,44 @@ def run_interaction(R, I, modes=None):
     import jax
     import jax.numpy as jnp
 
+    from genrec_jax.kernels import interaction as ki
+    from genrec_jax.kernels import launch
     from genrec_jax.kernels.interaction import interaction_triton
 
     modes = modes or (MODE["main"],)
-    for b, f, d, dd in INTER_CASES:
+    cases = [(case, dtype, None) for case in INTER_CASES for dtype in ("float32", "bfloat16")]
+    if MODE["main"] != "interpret":  # every autotune configuration pinned (odd batch: partial last block)
+        cases += [((333, f, 128, 13), "bfloat16", cfg) for f in (16, 50)
+                  for cfg in launch.autotune_configs(ki.autotuned("fwd", ki._block_f(f)))]
+    for (b, f, d, dd), dtype, cfg in cases:
         b, f, d = cap(b, 8), cap(f, 20), cap(d, 40)
-        for dtype in ("float32", "bfloat16"):
-            for mode in modes:
-                def checks(b=b, f=f, d=d, dd=dd, dtype=dtype, mode=mode):
-                    rng = np.random.default_rng(b + f + d + dd)
-                    x, dense = I._inputs(rng, b, f, d, dd, getattr(jnp, dtype))
-                    xj = jnp.asarray(x).astype(dtype)
-                    dj = None if dense is None else jnp.asarray(dense).astype(dtype)
-                    tol = 1e-5 if dtype == "float32" else 1e-2
-                    out = jax.jit(lambda a, c: interaction_triton(a, c, launch_mode=mode))(xj, dj)
-                    rows = [("out", err_of(out, I.loop64(x, dense)), tol)]
-                    cot = rng.standard_normal(out.shape).astype(np.float32)
-                    cot_seen = np.asarray(jnp.asarray(cot).astype(dtype).astype(jnp.float32))
-                    want_dx, want_dd = I.grads64(x, dense, cot_seen)  # jax.grad of the float64 einsum version
+        for mode in modes:
+            def checks(b=b, f=f, d=d, dd=dd, dtype=dtype, mode=mode, cfg=cfg):
+                rng = np.random.default_rng(b + f + d + dd)
+                x, dense = I._inputs(rng, b, f, d, dd, getattr(jnp, dtype))
+                xj = jnp.asarray(x).astype(dtype)
+                dj = None if dense is None else jnp.asarray(dense).astype(dtype)
+                tol = 1e-5 if dtype == "float32" else 1e-2
+                out = jax.jit(lambda a, c: interaction_triton(a, c, launch_mode=mode, config=cfg))(xj, dj)
+                rows = [("out", err_of(out, I.loop64(x, dense)), tol)]
+                cot = rng.standard_normal(out.shape).astype(np.float32)
+                cot_seen = np.asarray(jnp.asarray(cot).astype(dtype).astype(jnp.float32))
+                want_dx, want_dd = I.grads64(x, dense, cot_seen)  # jax.grad of the float64 einsum version
 
-                    def loss(a, c):
-                        return jnp.sum(interaction_triton(a, c, launch_mode=mode).astype(jnp.float32) * cot)
+                def loss(a, c):
+                    out = interaction_triton(a, c, launch_mode=mode, config=cfg)
+                    return jnp.sum(out.astype(jnp.float32) * cot)
 
-                    if dj is None:
-                        dx = jax.jit(jax.grad(lambda a: loss(a, None)))(xj)
-                    else:
-                        dx, ddense = jax.jit(jax.grad(loss, argnums=(0, 1)))(xj, dj)
-                        rows.append(("ddense", err_of(ddense, want_dd), tol))
-                    rows.append(("dx", err_of(dx, want_dx), tol))
-                    return rows
+                if dj is None:
+                    dx = jax.jit(jax.grad(lambda a: loss(a, None)))(xj)
+                else:
+                    dx, ddense = jax.jit(jax.grad(loss, argnums=(0, 1)))(xj, dj)
+                    rows.append(("ddense", err_of(ddense, want_dd), tol))
+                rows.append(("dx", err_of(dx, want_dx), tol))
+                return rows
 
-                R.run("interaction", "pairwise_interaction", f"B{b} F{f} D{d} Dd{dd}", dtype, mode, checks)
+            name = f"B{b} F{f} D{d} Dd{dd}" + ("" if cfg is None else f" pinned {cfg}")
+            R.run("interaction", "pairwise_interaction", name, dtype, mode, checks)
 
 
 # --------------------------------------------------------------------------- main

@@ -129,7 +129,7 @@ def reference_gathered_bias(q, k, v, lengths, *, alpha, max_len, norm, pos_bias=
                                     max_len=max_len)
 
 
-def attention_rows(ns, b, h, d, rabs, skip_xla_above):
+def attention_rows(ns, b, h, d, rabs, skip_xla_above, only_impls=()):
     import jax
     import jax.numpy as jnp
 
@@ -157,13 +157,17 @@ def attention_rows(ns, b, h, d, rabs, skip_xla_above):
                              tb=jax.random.normal(kk, (64,), jnp.float32) * 0.1,
                              cot=jax.random.normal(kt, (b, n, h, d), jnp.bfloat16)))
         for rab in rabs:
-            impls = ("triton", "triton-dqsep", "xla") + (("xla-gather",) if rab == "pos+time" else ())
+            impls = ("triton", "triton-exact", "triton-dqsep", "xla") + (("xla-gather",) if rab == "pos+time" else ())
             for impl in impls:
+                if only_impls and impl not in only_impls:
+                    continue
                 attn = {"xla": hstu_attention_reference, "xla-gather": reference_gathered_bias}.get(
                     impl, hstu_attention_triton)
                 kw = dict(alpha=1 / math.sqrt(d), max_len=n, norm="max_len")
                 if impl == "triton-dqsep":
                     kw["dq_mode"] = "separate"
+                if impl == "triton-exact":  # the kernel with the two-MUFU sigmoid (A/B of the tanh form)
+                    kw["sigmoid"] = "exact"
 
                 def call(q, k, v, lengths, pb, tb, ts, qts, attn=attn, kw=kw, rab=rab):
                     if rab == "pos+time":
@@ -286,7 +290,7 @@ def plot(rows, path):
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, what in zip(axes, ("fwd", "fwd+bwd")):
-        for impl in ("triton", "triton-dqsep", "xla", "xla-gather"):
+        for impl in ("triton", "triton-exact", "triton-dqsep", "xla", "xla-gather"):
             for rab in sorted({r["rab"] for r in rows if r["kernel"] == "hstu_attention"}):
                 pts = [(r["N"], r["tflops"]) for r in rows if r["kernel"] == "hstu_attention" and r["impl"] == impl
                        and r["pass_"] == what and r["rab"] == rab and r.get("status") == "ok"]
@@ -316,6 +320,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-xla-above", type=int, default=0, help="skip the XLA reference above this N (0: never)")
     ap.add_argument("--interaction-fs", default="16,50,128")
     ap.add_argument("--only", default="attention,cached,interaction")
+    ap.add_argument("--impls", default="",
+                    help="attention implementations to time (comma list of triton, triton-exact, triton-dqsep, xla, "
+                         "xla-gather; default: all that apply)")
     args = ap.parse_args(argv)
     ok, why = gpu_ready()
     if not ok:
@@ -330,7 +337,8 @@ def main(argv=None) -> int:
     rows = [dict(kernel="copy", impl="d2d", pass_="", status="ok", gbs=copy_bw / 1e9)]
     if "attention" in only:
         rows += attention_rows([int(x) for x in args.ns.split(",")], args.batch, args.heads, args.dim,
-                               args.rab.split(","), args.skip_xla_above)
+                               args.rab.split(","), args.skip_xla_above,
+                               tuple(x for x in args.impls.split(",") if x))
     if "cached" in only:
         rows += cached_rows(copy_bw)
     if "interaction" in only:

@@ -8,6 +8,7 @@
         (top-50) retrieves for test users of their cluster.
 
     GENREC_DATA_DIR=/path python bench/semantic_ids.py beauty [--fit train+valid] [--set k=v]
+                                 [--eval-split valid] [--exclude-history]
         Amazon Beauty (TIGER's split): RQ-VAE over co-occurrence vectors (training events
         only) -> UGT + decoder trained jointly -> test Recall@5/10, NDCG@5/10 of beam search
         beside the retrieval head and the transition / popularity baselines, all fitted on
@@ -62,34 +63,42 @@ def _train(cfg, out: Path, fit: str, progress: bool):
     return ctx
 
 
-def _test_rows(ctx, ks: list[int], beam_width: int, max_users: int = 0, renormalized: bool = False
-               ) -> dict[str, dict]:
+def _test_rows(ctx, ks: list[int], beam_width: int, max_users: int = 0, renormalized: bool = False,
+               split: str = "test", exclude_history: bool = False) -> dict[str, dict]:
+    """Retrieval head, beam search and the baselines on ``split`` (test or valid), history
+    items left in the ranking; with ``exclude_history`` the same rows again with history
+    items removed (``", history removed"``)."""
     from genrec_jax.semantic_ids.generative_eval import evaluate_generative
     from genrec_jax.semantic_ids.trie import Trie
     from genrec_jax.eval.evaluate import evaluate_model
     from genrec_jax.train.loop import collate_options
 
     cfg, ds = ctx.cfg, ctx.dataset
+    es = getattr(ctx.split, split)
     opts = collate_options(cfg, ds, train=False)
-    rows = {}
-    t0 = time.perf_counter()
-    rows["retrieval head"] = evaluate_model(
-        ctx.steps, ctx.state["params"], ctx.split.test, num_items=ds.num_items, max_len=cfg.data.max_seq_len,
-        ks=ks, batch_size=cfg.eval.batch_size, progress=False, options=opts, max_users=max_users)
-    rows["retrieval head"]["seconds"] = time.perf_counter() - t0
     model = ctx.steps.model(ctx.state["params"])
     trie = Trie.from_item_codes(np.asarray(model.item_codes[...]), model.decoder.code_sizes)
-    t0 = time.perf_counter()
-    rows["generative (beam)"] = evaluate_generative(
-        model, ctx.split.test, trie=trie, max_len=cfg.data.max_seq_len, ks=ks, batch_size=cfg.eval.batch_size,
-        beam_width=beam_width, options=opts, max_users=max_users)
-    rows["generative (beam)"]["seconds"] = time.perf_counter() - t0
-    if renormalized:  # softmax over the trie's allowed codes only, at every level
-        rows["generative (beam, renorm.)"] = evaluate_generative(
-            model, ctx.split.test, trie=trie, max_len=cfg.data.max_seq_len, ks=ks, batch_size=cfg.eval.batch_size,
-            beam_width=beam_width, options=opts, max_users=max_users, renormalize=True)
-    base = evaluate_baselines(ctx.fit_events, ctx.split.test, num_items=ds.num_items, ks=ks, max_users=max_users)
-    rows.update({f"{name} baseline": r for name, r in base.items()})
+    rows = {}
+    for excl in ([False, True] if exclude_history else [False]):
+        tag = ", history removed" if excl else ""
+        t0 = time.perf_counter()
+        rows["retrieval head" + tag] = evaluate_model(
+            ctx.steps, ctx.state["params"], es, num_items=ds.num_items, max_len=cfg.data.max_seq_len,
+            ks=ks, batch_size=cfg.eval.batch_size, progress=False, options=opts, max_users=max_users,
+            exclude_history=excl)
+        rows["retrieval head" + tag]["seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rows["generative (beam)" + tag] = evaluate_generative(
+            model, es, trie=trie, max_len=cfg.data.max_seq_len, ks=ks, batch_size=cfg.eval.batch_size,
+            beam_width=beam_width, options=opts, max_users=max_users, exclude_history=excl)
+        rows["generative (beam)" + tag]["seconds"] = time.perf_counter() - t0
+        if renormalized:  # softmax over the trie's allowed codes only, at every level
+            rows["generative (beam, renorm.)" + tag] = evaluate_generative(
+                model, es, trie=trie, max_len=cfg.data.max_seq_len, ks=ks, batch_size=cfg.eval.batch_size,
+                beam_width=beam_width, options=opts, max_users=max_users, renormalize=True, exclude_history=excl)
+        base = evaluate_baselines(ctx.fit_events, es, num_items=ds.num_items, ks=ks, max_users=max_users,
+                                  exclude_history=excl)
+        rows.update({f"{name} baseline{tag}": r for name, r in base.items()})
     return rows
 
 
@@ -109,20 +118,24 @@ def bench_beauty(args) -> list[dict]:
     report = run_rqvae(cfg, out, progress=args.progress)
     rq_seconds = time.perf_counter() - t0
     ctx = _train(cfg, out, args.fit, args.progress)
-    rows = _test_rows(ctx, [5, 10, 20], cfg.model.decoder.beam_width, args.max_users, renormalized=True)
+    rows = _test_rows(ctx, [5, 10, 20], cfg.model.decoder.beam_width, args.max_users, renormalized=True,
+                      split=args.eval_split, exclude_history=args.exclude_history)
     ctx.logger.close()
     ctx.checkpointer.close()
     cols = ["Recall@5", "NDCG@5", "Recall@10", "NDCG@10", "Recall@20"]
-    print(f"\nAmazon Beauty test set ({len(ctx.split.test)} users, {ctx.dataset.num_items} items), "
+    es = getattr(ctx.split, args.eval_split)
+    print(f"\nAmazon Beauty {args.eval_split} set ({len(es)} users, {ctx.dataset.num_items} items), "
           f"leave-one-out, fitted on: {args.fit}; {cfg.train.num_steps} steps in {ctx.train_seconds:.0f} s, "
           f"RQ-VAE {rq_seconds:.0f} s; semantic IDs from {cfg.rqvae.features} vectors")
     print(format_table(rows, cols))
     print("published TIGER: Recall@5 0.0454  NDCG@5 0.0321  Recall@10 0.0648  NDCG@10 0.0384")
-    gen, ret = rows["generative (beam)"], rows["retrieval head"]
-    print(f"generative / retrieval Recall@10: {gen['Recall@10'] / max(ret['Recall@10'], 1e-9):.3f}")
+    for tag in ["", ", history removed"] if args.exclude_history else [""]:
+        gen, ret = rows["generative (beam)" + tag], rows["retrieval head" + tag]
+        print(f"generative / retrieval Recall@10{tag}: {gen['Recall@10'] / max(ret['Recall@10'], 1e-9):.3f}")
     print(f"semantic IDs: utilisation {[round(u, 3) for u in report['utilisation']]}, collision rate "
           f"{report['collision_rate']:.4f}")
-    out_rows = [{"bench": "beauty", "model": name, "fit": args.fit, "steps": cfg.train.num_steps,
+    out_rows = [{"bench": "beauty", "model": name, "fit": args.fit, "split": args.eval_split,
+                 "steps": cfg.train.num_steps, "overrides": list(args.overrides), "ids_from": args.ids_from,
                  **{k: v for k, v in r.items() if k in cols + ["MRR", "Coverage", "seconds"]}}
                 for name, r in rows.items()]
     out_rows.append({"bench": "beauty", "model": "rqvae", **{k: report[k] for k in (
@@ -265,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="run directory (replaced)")
     p.add_argument("--fit", choices=["train", "train+valid"], default="train",
                    help="events the model and the baselines are fitted on (beauty)")
+    p.add_argument("--eval-split", choices=["test", "valid"], default="test",
+                   help="score on the test event, or on the validation event for model selection (needs --fit train)")
+    p.add_argument("--exclude-history", action="store_true",
+                   help="also print every row with the user's history items removed from the ranking")
     p.add_argument("--ids-from", choices=["config", "retrieval"], default="config",
                    help="beauty: semantic IDs from rqvae.features (config) or from the item table of a "
                         "retrieval-only model trained first on the same events (retrieval)")
@@ -280,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write one JSON object per row to this file")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
+    if args.eval_split == "valid" and args.fit != "train":
+        p.error("--eval-split valid needs --fit train (a model fitted on the validation event cannot be selected on it)")
     rows = bench_beauty(args) if args.which == "beauty" else bench_synthetic(args)
     write_rows(args.json, rows)
     return 0

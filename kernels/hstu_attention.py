@@ -62,6 +62,40 @@ def _time_bucket(dt, num_buckets):
 
 
 @triton.jit
+def _tanh(x, SILU: tl.constexpr):
+    """tanh: one MUFU instruction (``tanh.approx.f32``, relative error <= 2^-10.7) when
+    SILU == 2; otherwise the same algebra through exp (what the CPU interpreter runs)."""
+    if SILU == 2:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        t = 1.0 - tl.fdiv(2.0, 1.0 + tl.exp(2.0 * x))
+    return t
+
+
+@triton.jit
+def _sigmoid(s, SILU: tl.constexpr):
+    """SILU == 0 (fp32 inputs): 1 / (1 + exp(-s)) -- two MUFU ops (ex2, rcp).
+    SILU >= 1 (16-bit inputs): 0.5 + 0.5 tanh(s / 2) -- one MUFU op on the GPU."""
+    if SILU == 0:
+        sig = tl.fdiv(1.0, 1.0 + tl.exp(-s))
+    else:
+        sig = 0.5 + 0.5 * _tanh(0.5 * s, SILU)
+    return sig
+
+
+@triton.jit
+def _silu(s, SILU: tl.constexpr):
+    """s * sigmoid(s); with SILU >= 1 as h + h tanh(h), h = s / 2 (one MUFU op, two FP32 ops)."""
+    if SILU == 0:
+        a = tl.fdiv(s, 1.0 + tl.exp(-s))  # approximate division: div.full.f32
+    else:
+        h = 0.5 * s
+        a = h + h * _tanh(h, SILU)
+    return a
+
+
+@triton.jit
 def _fwd_range(
     acc, q, offs_m, pos_m, qts_m,  # [BM, BDV] f32, [BM, BDQK], [BM], [BM], [BM]
     lo, hi, hist,
@@ -70,6 +104,7 @@ def _fwd_range(
     H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
     MASK: tl.constexpr,  # 0: all pairs visible; 1: keys j < hi only; 2: full causal/target mask
     HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, PRECISION: tl.constexpr,
+    SILU: tl.constexpr,  # 0: exact sigmoid (fp32 inputs); 1/2: through tanh (see _silu)
     BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """acc += sum over key blocks in [lo, hi) of SiLU(alpha q k^T + rab) (masked) @ v."""
@@ -105,7 +140,7 @@ def _fwd_range(
             else:
                 ts_n = tl.load(TS + offs_n, mask=offs_n < hi, other=0)
             s += tl.load(TIME_BIAS + _time_bucket(qts_m[:, None] - ts_n[None, :], num_buckets))
-        a = tl.fdiv(s, 1.0 + tl.exp(-s))  # SiLU, [BM, BN] (approximate division: div.full.f32)
+        a = _silu(s, SILU)  # [BM, BN]
         if MASK == 1:
             a = tl.where((offs_n < hi)[None, :], a, 0.0)
         if MASK == 2:
@@ -131,7 +166,7 @@ def _hstu_fwd_kernel(
     OUT,  # [T, H, DV]
     H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
     NORM_COUNT: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    PADDED: tl.constexpr, PRECISION: tl.constexpr,
+    PADDED: tl.constexpr, PRECISION: tl.constexpr, SILU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program = one (sequence, head, query block); grid (B * H, cdiv(max_len, BLOCK_M)).
@@ -176,13 +211,13 @@ def _hstu_fwd_kernel(
         a_full = (a_end // BLOCK_N) * BLOCK_N
         acc = _fwd_range(acc, q, offs_m, pos_m, qts_m, 0, a_full, hist, K_seq, V_seq, TS_seq, POS_BIAS,
                          TIME_BIAS, alpha, num_pos, num_buckets, H, DQK, DV, 0, HAS_TARGETS, HAS_POS, HAS_TIME,
-                         PRECISION, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                         PRECISION, SILU, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         acc = _fwd_range(acc, q, offs_m, pos_m, qts_m, a_full, a_end, hist, K_seq, V_seq, TS_seq, POS_BIAS,
                          TIME_BIAS, alpha, num_pos, num_buckets, H, DQK, DV, 1, HAS_TARGETS, HAS_POS, HAS_TIME,
-                         PRECISION, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                         PRECISION, SILU, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         acc = _fwd_range(acc, q, offs_m, pos_m, qts_m, start_m, tl.minimum(start_m + BLOCK_M, seq_len), hist,
                          K_seq, V_seq, TS_seq, POS_BIAS, TIME_BIAS, alpha, num_pos, num_buckets, H, DQK, DV, 2,
-                         HAS_TARGETS, HAS_POS, HAS_TIME, PRECISION, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                         HAS_TARGETS, HAS_POS, HAS_TIME, PRECISION, SILU, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         if NORM_COUNT:
             acc = acc / (pos_m + 1).to(tl.float32)[:, None]  # visible keys = p_i + 1
         else:
@@ -206,7 +241,7 @@ def _bwd_range(
     H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
     MASK: tl.constexpr,  # 0: every pair visible (off-diagonal, keys < hist); 1: full mask
     NORM_COUNT: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, SILU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_NB: tl.constexpr,
 ):
@@ -239,7 +274,7 @@ def _bwd_range(
             qts_m = tl.load(QTS + offs_m, mask=row_ok, other=0)
             bkt = _time_bucket(qts_m[None, :] - ts_n[:, None], num_buckets)  # [BN, BM] int32
             st += tl.load(TIME_BIAS + bkt)
-        sig = tl.fdiv(1.0, 1.0 + tl.exp(-st))
+        sig = _sigmoid(st, SILU)
         if NORM_COUNT:
             inv_n = 1.0 / (pos_m + 1).to(tl.float32)  # [BM]
         else:
@@ -310,7 +345,7 @@ def _hstu_bwd_kernel(
     DPOS, DTIME,  # [P], [NB] f32, zero-initialised
     H: tl.constexpr, DQK: tl.constexpr, DV_DIM: tl.constexpr,
     NORM_COUNT: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    PADDED: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
+    PADDED: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, SILU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_NB: tl.constexpr,
 ):
@@ -364,21 +399,21 @@ def _hstu_bwd_kernel(
         dk, dv, dtime = _bwd_range(
             dk, dv, dtime, k, v, offs_n, pos_n, ts_n, start_n, start_n, tl.minimum(start_n + BLOCK_N, seq_len),
             seq_len, hist, Q_seq, DO_seq, QTS_seq, DQ_seq, POS_BIAS, TIME_BIAS, DPOS, alpha, inv_max_len, num_pos,
-            num_buckets, H, DQK, DV_DIM, 1, NORM_COUNT, HAS_TARGETS, HAS_POS, HAS_TIME, ATOMIC_DQ, PRECISION,
-            BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
+            num_buckets, H, DQK, DV_DIM, 1, NORM_COUNT, HAS_TARGETS, HAS_POS, HAS_TIME, ATOMIC_DQ,
+            PRECISION, SILU, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
         if start_n < hist:
             if start_n + BLOCK_N <= hist:  # all keys are history keys: no element masks
                 dk, dv, dtime = _bwd_range(
                     dk, dv, dtime, k, v, offs_n, pos_n, ts_n, start_n, start_n + BLOCK_N, seq_len, seq_len, hist,
                     Q_seq, DO_seq, QTS_seq, DQ_seq, POS_BIAS, TIME_BIAS, DPOS, alpha, inv_max_len, num_pos,
-                    num_buckets, H, DQK, DV_DIM, 0, NORM_COUNT, HAS_TARGETS, HAS_POS, HAS_TIME, ATOMIC_DQ, PRECISION,
-                    BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
+                    num_buckets, H, DQK, DV_DIM, 0, NORM_COUNT, HAS_TARGETS, HAS_POS, HAS_TIME, ATOMIC_DQ,
+                    PRECISION, SILU, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
             else:
                 dk, dv, dtime = _bwd_range(
                     dk, dv, dtime, k, v, offs_n, pos_n, ts_n, start_n, start_n + BLOCK_N, seq_len, seq_len, hist,
                     Q_seq, DO_seq, QTS_seq, DQ_seq, POS_BIAS, TIME_BIAS, DPOS, alpha, inv_max_len, num_pos,
-                    num_buckets, H, DQK, DV_DIM, 1, NORM_COUNT, HAS_TARGETS, HAS_POS, HAS_TIME, ATOMIC_DQ, PRECISION,
-                    BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
+                    num_buckets, H, DQK, DV_DIM, 1, NORM_COUNT, HAS_TARGETS, HAS_POS, HAS_TIME, ATOMIC_DQ,
+                    PRECISION, SILU, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
         dk = tl.where(key_ok[:, None], dk * alpha, 0.0)
         dv = tl.where(key_ok[:, None], dv, 0.0)
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_store[:, None] & (offs_dqk[None, :] < DQK))
@@ -403,6 +438,7 @@ def _dq_range(
     H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
     MASK: tl.constexpr,  # as in _fwd_range
     HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, PRECISION: tl.constexpr,
+    SILU: tl.constexpr,  # 0: exact sigmoid (fp32 inputs); 1/2: through tanh (see _silu)
     BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dq += sum over key blocks in [lo, hi) of dS k, recomputing S and dA = dO v^T."""
@@ -431,7 +467,7 @@ def _dq_range(
             else:
                 ts_n = tl.load(TS + offs_n, mask=offs_n < hi, other=0)
             s += tl.load(TIME_BIAS + _time_bucket(qts_m[:, None] - ts_n[None, :], num_buckets))
-        sig = tl.fdiv(1.0, 1.0 + tl.exp(-s))
+        sig = _sigmoid(s, SILU)
         da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN] = dA
         ds = da * inv_n[:, None] * sig * (1.0 + s * (1.0 - sig))  # [BM, BN] = dS
         if MASK == 1:
@@ -455,7 +491,7 @@ def _hstu_bwd_dq_kernel(
     DQ,  # [T, H, DQK]
     H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
     NORM_COUNT: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    PADDED: tl.constexpr, PRECISION: tl.constexpr,
+    PADDED: tl.constexpr, PRECISION: tl.constexpr, SILU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dQ_i = alpha sum_j dS_ij k_j without atomics (``dq_mode="separate"``): the forward's
@@ -503,13 +539,13 @@ def _hstu_bwd_dq_kernel(
         a_full = (a_end // BLOCK_N) * BLOCK_N
         dq = _dq_range(dq, q, do, offs_m, pos_m, qts_m, inv_n, 0, a_full, hist, K_seq, V_seq, TS_seq, POS_BIAS,
                        TIME_BIAS, alpha, num_pos, num_buckets, H, DQK, DV, 0, HAS_TARGETS, HAS_POS, HAS_TIME,
-                       PRECISION, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                       PRECISION, SILU, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         dq = _dq_range(dq, q, do, offs_m, pos_m, qts_m, inv_n, a_full, a_end, hist, K_seq, V_seq, TS_seq, POS_BIAS,
                        TIME_BIAS, alpha, num_pos, num_buckets, H, DQK, DV, 1, HAS_TARGETS, HAS_POS, HAS_TIME,
-                       PRECISION, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                       PRECISION, SILU, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         dq = _dq_range(dq, q, do, offs_m, pos_m, qts_m, inv_n, start_m, tl.minimum(start_m + BLOCK_M, seq_len),
                        hist, K_seq, V_seq, TS_seq, POS_BIAS, TIME_BIAS, alpha, num_pos, num_buckets, H, DQK, DV, 2,
-                       HAS_TARGETS, HAS_POS, HAS_TIME, PRECISION, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                       HAS_TARGETS, HAS_POS, HAS_TIME, PRECISION, SILU, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         dq = tl.where(row_ok[:, None], dq * alpha, 0.0)
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=store_mask)
     else:
@@ -533,7 +569,7 @@ def _hstu_cached_kernel(
     OUT,  # [B, M, H, DV]
     H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
     NORM_COUNT: tl.constexpr, HAS_HIST: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SILU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Query m (cache index qp_m) sees keys j <= qp_m, j < kv_len; with HAS_HIST a query at or
@@ -587,7 +623,7 @@ def _hstu_cached_kernel(
             ts_n = tl.load(K_TS + b64 * cache_len + offs_n, mask=key_ok, other=0)
             s += tl.load(TIME_BIAS + _time_bucket(qts[:, None] - ts_n[None, :], num_buckets))
         vis = (offs_n[None, :] <= qp[:, None]) & key_ok[None, :]
-        a = tl.where(vis, tl.fdiv(s, 1.0 + tl.exp(-s)), 0.0)
+        a = tl.where(vis, _silu(s, SILU), 0.0)
         count += tl.sum(vis.to(tl.float32), axis=1)
         acc = tl.dot(a.to(v.dtype), v, acc, input_precision=PRECISION)
     if HAS_HIST:
@@ -602,7 +638,7 @@ def _hstu_cached_kernel(
         if HAS_TIME:
             ts_own = tl.load(K_TS + b64 * cache_len + qp, mask=own, other=0)
             s_own += tl.load(TIME_BIAS + _time_bucket(qts - ts_own, num_buckets))
-        a_own = tl.where(own, tl.fdiv(s_own, 1.0 + tl.exp(-s_own)), 0.0)
+        a_own = tl.where(own, _silu(s_own, SILU), 0.0)
         a_own = a_own.to(v_own.dtype).to(tl.float32)  # same rounding as the tiled path
         acc += a_own[:, None] * v_own.to(tl.float32)
         count += own.to(tl.float32)
@@ -716,6 +752,7 @@ class _Static:
     num_pos: int
     num_buckets: int
     precision: str
+    silu: int  # _silu_mode
     dq_atomic: bool
     configs: tuple  # ((kernel kind, frozen config), ...) pinned by the caller
     mode: str
@@ -737,6 +774,7 @@ class _Static:
     def meta(self) -> dict:
         return dict(H=self.heads, DQK=self.dqk, NORM_COUNT=self.norm_count, HAS_TARGETS=self.has_targets,
                     HAS_POS=self.has_pos, HAS_TIME=self.has_time, PADDED=self.padded, PRECISION=self.precision,
+                    SILU=self.silu,
                     BLOCK_DQK=_block(self.dqk), BLOCK_DV=_block(self.dv))
 
 
@@ -806,6 +844,19 @@ def _hstu_core_bwd(st, res, dout):
 _hstu_core.defvjp(_hstu_core_fwd, _hstu_core_bwd)
 
 
+def _silu_mode(dtype, mode: str, sigmoid: str = "auto") -> int:
+    """SiLU/sigmoid evaluation in the kernels (``sigmoid=``): "exact" is 1 / (1 + exp(-s));
+    "tanh" is 0.5 + 0.5 tanh(s / 2) with the one-instruction ``tanh.approx.f32`` on the GPU
+    (one MUFU op per pair instead of two; relative error ~2^-11, below the bf16 rounding of
+    A) and the same formula through exp in the CPU interpreter, which cannot run inline PTX.
+    "auto": exact for fp32 inputs (their tests ask for 1e-5), tanh for 16-bit inputs."""
+    if sigmoid not in ("auto", "exact", "tanh"):
+        raise ValueError(f"sigmoid must be 'auto', 'exact' or 'tanh', got {sigmoid!r}")
+    if sigmoid == "exact" or (sigmoid == "auto" and jnp.dtype(dtype) == jnp.float32):
+        return 0
+    return 1 if mode == "interpret" else 2
+
+
 def _precision(dtype, precision: str | None) -> str:
     if jnp.dtype(dtype) != jnp.float32:
         return "tf32"  # ignored by 16-bit dots
@@ -842,6 +893,7 @@ def hstu_attention_triton(
     timestamps: jax.Array | None = None,
     query_timestamps: jax.Array | None = None,
     precision: str | None = None,
+    sigmoid: Literal["auto", "exact", "tanh"] = "auto",
     dq_mode: Literal["atomic", "separate"] = "atomic",
     fwd_config: dict | None = None,
     bwd_config: dict | None = None,
@@ -854,8 +906,9 @@ def hstu_attention_triton(
     Differentiable (``jax.grad`` w.r.t. q, k, v, pos_bias, time_bias) through Triton backward
     kernels. Extra options: ``precision`` for float32 inputs ("ieee", the default, or "tf32");
     ``dq_mode``: "atomic" (dQ added with f32 atomics by the key-major backward kernel) or
-    "separate" (a query-major kernel recomputes S; deterministic, no atomics);
-    ``fwd_config``/``bwd_config``/``dq_config`` pin {"BLOCK_M", "BLOCK_N", "num_warps",
+    "separate" (a query-major kernel recomputes S; deterministic, no atomics); ``sigmoid``:
+    "exact", "tanh" (one ``tanh.approx`` instruction per pair on the GPU) or "auto" (tanh for
+    16-bit inputs, exact for float32; see ``_silu_mode``); ``fwd_config``/``bwd_config``/``dq_config`` pin {"BLOCK_M", "BLOCK_N", "num_warps",
     "num_stages"} instead of autotuning; ``launch_mode`` (see ``genrec_jax.kernels.launch``).
     """
     b, n, h, dqk = q.shape
@@ -864,12 +917,14 @@ def hstu_attention_triton(
                                              time_bias=time_bias,
                                              have_ts=timestamps is not None and query_timestamps is not None)
     has_time = time_bias is not None
+    mode = launch_mode or launch.current_mode()
     st = _Static(
         heads=h, dqk=dqk, dv=dv, alpha=alpha, inv_max_len=1.0 / float(max_len), norm_count=norm == "causal_count",
         has_targets=num_targets is not None, has_pos=pos_bias is not None, has_time=has_time, padded=True,
         pad_rows=n, max_seq_len=n, num_pos=int(pb.shape[0]), num_buckets=int(tb.shape[0]),
-        precision=_precision(q.dtype, precision), dq_atomic=_dq_atomic(dq_mode),
-        configs=_pinned(fwd=fwd_config, bwd=bwd_config, dq=dq_config), mode=launch_mode or launch.current_mode(),
+        precision=_precision(q.dtype, precision), silu=_silu_mode(q.dtype, mode, sigmoid),
+        dq_atomic=_dq_atomic(dq_mode),
+        configs=_pinned(fwd=fwd_config, bwd=bwd_config, dq=dq_config), mode=mode,
     )
     starts = jnp.arange(b, dtype=jnp.int32) * n
     lens = jnp.clip(lengths.astype(jnp.int32), 0, n)
@@ -900,6 +955,7 @@ def hstu_attention_jagged_triton(
     timestamps: jax.Array | None = None,  # [T]
     query_timestamps: jax.Array | None = None,  # [T]
     precision: str | None = None,
+    sigmoid: Literal["auto", "exact", "tanh"] = "auto",
     dq_mode: Literal["atomic", "separate"] = "atomic",
     fwd_config: dict | None = None,
     bwd_config: dict | None = None,
@@ -916,12 +972,14 @@ def hstu_attention_jagged_triton(
                                              time_bias=time_bias,
                                              have_ts=timestamps is not None and query_timestamps is not None)
     has_time = time_bias is not None
+    mode = launch_mode or launch.current_mode()
     st = _Static(
         heads=h, dqk=dqk, dv=dv, alpha=alpha, inv_max_len=1.0 / float(max_len), norm_count=norm == "causal_count",
         has_targets=num_targets is not None, has_pos=pos_bias is not None, has_time=has_time, padded=False,
         pad_rows=0, max_seq_len=int(max_seq_len), num_pos=int(pb.shape[0]), num_buckets=int(tb.shape[0]),
-        precision=_precision(q.dtype, precision), dq_atomic=_dq_atomic(dq_mode),
-        configs=_pinned(fwd=fwd_config, bwd=bwd_config, dq=dq_config), mode=launch_mode or launch.current_mode(),
+        precision=_precision(q.dtype, precision), silu=_silu_mode(q.dtype, mode, sigmoid),
+        dq_atomic=_dq_atomic(dq_mode),
+        configs=_pinned(fwd=fwd_config, bwd=bwd_config, dq=dq_config), mode=mode,
     )
     offs = seq_offsets.astype(jnp.int32)
     starts = offs[:-1]
@@ -952,6 +1010,7 @@ def hstu_attention_cached_triton(
     k_timestamps: jax.Array | None = None,  # [B, C]
     q_timestamps: jax.Array | None = None,  # [B, M]
     precision: str | None = None,
+    sigmoid: Literal["auto", "exact", "tanh"] = "auto",
     config: dict | None = None,
     launch_mode: str | None = None,
 ) -> jax.Array:
@@ -975,7 +1034,7 @@ def hstu_attention_cached_triton(
     hist = jnp.zeros((b,), jnp.int32) if hist_lengths is None else hist_lengths.astype(jnp.int32)
     meta = dict(H=h, DQK=dqk, DV=dv, NORM_COUNT=norm == "causal_count", HAS_HIST=hist_lengths is not None,
                 HAS_POS=pos_bias is not None, HAS_TIME=has_time, PRECISION=_precision(q.dtype, precision),
-                BLOCK_DQK=_block(dqk), BLOCK_DV=_block(dv))
+                SILU=_silu_mode(q.dtype, mode, sigmoid), BLOCK_DQK=_block(dqk), BLOCK_DV=_block(dv))
     (out,) = launch.triton_call(
         q, k_cache, v_cache, q_positions.astype(jnp.int32), kv_lengths.astype(jnp.int32), hist, pb, tb, kts, qts,
         alpha, 1.0 / float(max_len), int(pb.shape[0]), int(tb.shape[0]), m, c,

@@ -38,10 +38,13 @@ def _interaction_fwd_kernel(
     F: tl.constexpr, D: tl.constexpr, DD: tl.constexpr,
     HAS_DENSE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DD: tl.constexpr,
+    BLOCK_DD: tl.constexpr, ROW_STAGES: tl.constexpr,
 ):
     """Grid (cdiv(B, BLOCK_B), cdiv(F, BLOCK_I)): rows G[i0:i0+BLOCK_I, :] = x[i-block] x^T of
-    BLOCK_B batch rows (one after another), their i < j entries stored i-major."""
+    BLOCK_B batch rows, their i < j entries stored i-major. When one tile holds a row's whole
+    x (BLOCK_I >= F, BLOCK_D >= D), x is loaded once per row for both operands and the row loop
+    is software-pipelined (``ROW_STAGES``): the next rows' loads are in flight while this
+    row's product is stored."""
     offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)  # [BI] feature rows of G
     offs_f = tl.arange(0, BLOCK_F)  # [BF] feature columns of G
     offs_d = tl.arange(0, BLOCK_D)
@@ -49,28 +52,45 @@ def _interaction_fwd_kernel(
     j = offs_f[None, :]
     col = DD + i * F - (i * (i + 1)) // 2 + (j - i - 1)  # [BI, BF] output column of pair (i, j)
     upper = (i < j) & (j < F)
-    for r in tl.static_range(BLOCK_B):
-        row = tl.program_id(0) * BLOCK_B + r
-        row_ok = row < num_rows
-        x_row = X + row.to(tl.int64) * (F * D)
-        out_row = OUT + row.to(tl.int64) * (DD + F * (F - 1) // 2)
-        g = tl.zeros([BLOCK_I, BLOCK_F], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            xi = tl.load(x_row + offs_i[:, None] * D + dd[None, :],
-                         mask=row_ok & (offs_i < F)[:, None] & (dd < D)[None, :], other=0.0)  # [BI, BD]
-            xa = tl.load(x_row + offs_f[:, None] * D + dd[None, :],
-                         mask=row_ok & (offs_f < F)[:, None] & (dd < D)[None, :], other=0.0)  # [BF, BD]
-            g = tl.dot(xi, tl.trans(xa), g, input_precision=PRECISION)  # [BI, BF]
-        tl.store(out_row + col, g.to(OUT.dtype.element_ty), mask=row_ok & upper)
-        if HAS_DENSE:
-            if tl.program_id(1) == 0:
+    if BLOCK_I >= F and BLOCK_D >= D:
+        for r in tl.range(0, BLOCK_B, num_stages=ROW_STAGES):
+            row = tl.program_id(0) * BLOCK_B + r
+            row_ok = row < num_rows
+            out_row = OUT + row.to(tl.int64) * (DD + F * (F - 1) // 2)
+            x = tl.load(X + row.to(tl.int64) * (F * D) + offs_f[:, None] * D + offs_d[None, :],
+                        mask=row_ok & (offs_f < F)[:, None] & (offs_d < D)[None, :], other=0.0)  # [BF, BD]
+            g = tl.dot(x, tl.trans(x), input_precision=PRECISION)  # [BF, BF]
+            tl.store(out_row + col, g.to(OUT.dtype.element_ty), mask=row_ok & upper)
+            if HAS_DENSE:
                 offs_c = tl.arange(0, BLOCK_DD)
                 for c0 in range(0, DD, BLOCK_DD):
                     cc = c0 + offs_c
                     m = row_ok & (cc < DD)
                     val = tl.load(DENSE + row.to(tl.int64) * DD + cc, mask=m, other=0.0)  # [BDD]
                     tl.store(out_row + cc, val.to(OUT.dtype.element_ty), mask=m)
+    else:
+        for r in tl.static_range(BLOCK_B):
+            row = tl.program_id(0) * BLOCK_B + r
+            row_ok = row < num_rows
+            x_row = X + row.to(tl.int64) * (F * D)
+            out_row = OUT + row.to(tl.int64) * (DD + F * (F - 1) // 2)
+            g = tl.zeros([BLOCK_I, BLOCK_F], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                xi = tl.load(x_row + offs_i[:, None] * D + dd[None, :],
+                             mask=row_ok & (offs_i < F)[:, None] & (dd < D)[None, :], other=0.0)  # [BI, BD]
+                xa = tl.load(x_row + offs_f[:, None] * D + dd[None, :],
+                             mask=row_ok & (offs_f < F)[:, None] & (dd < D)[None, :], other=0.0)  # [BF, BD]
+                g = tl.dot(xi, tl.trans(xa), g, input_precision=PRECISION)  # [BI, BF]
+            tl.store(out_row + col, g.to(OUT.dtype.element_ty), mask=row_ok & upper)
+            if HAS_DENSE:
+                if tl.program_id(1) == 0:
+                    offs_c = tl.arange(0, BLOCK_DD)
+                    for c0 in range(0, DD, BLOCK_DD):
+                        cc = c0 + offs_c
+                        m = row_ok & (cc < DD)
+                        val = tl.load(DENSE + row.to(tl.int64) * DD + cc, mask=m, other=0.0)  # [BDD]
+                        tl.store(out_row + cc, val.to(OUT.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -81,9 +101,12 @@ def _interaction_bwd_kernel(
     DX,  # [B, F, D]
     F: tl.constexpr, D: tl.constexpr, DD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROW_STAGES: tl.constexpr,
 ):
     """Grid (cdiv(B, BLOCK_B), cdiv(F, BLOCK_I)): dx[i-block] = S[i-block, :] x with
-    S = dG + dG^T gathered from dout in one load (S[i, j] = dout[p(min, max)], S[i, i] = 0)."""
+    S = dG + dG^T gathered from dout in one load (S[i, j] = dout[p(min, max)], S[i, i] = 0).
+    With one tile per row (BLOCK_I >= F, BLOCK_D >= D) the row loop is pipelined as in the
+    forward."""
     offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_f = tl.arange(0, BLOCK_F)
     offs_d = tl.arange(0, BLOCK_D)
@@ -92,20 +115,32 @@ def _interaction_bwd_kernel(
     upper = (i < j) & (j < F)
     lower = (j < i) & (i < F)
     col = tl.where(upper, DD + i * F - (i * (i + 1)) // 2 + (j - i - 1), DD + j * F - (j * (j + 1)) // 2 + (i - j - 1))
-    for r in tl.static_range(BLOCK_B):
-        row = tl.program_id(0) * BLOCK_B + r
-        row_ok = row < num_rows
-        sym = tl.load(DOUT + row.to(tl.int64) * (DD + F * (F - 1) // 2) + col, mask=row_ok & (upper | lower),
-                      other=0.0)  # [BI, BF]
-        x_row = X + row.to(tl.int64) * (F * D)
-        dx_row = DX + row.to(tl.int64) * (F * D)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            x = tl.load(x_row + offs_f[:, None] * D + dd[None, :],
-                        mask=row_ok & (offs_f < F)[:, None] & (dd < D)[None, :], other=0.0)  # [BF, BD]
-            dx = tl.dot(sym.to(x.dtype), x, input_precision=PRECISION)  # [BI, BD] f32
-            tl.store(dx_row + offs_i[:, None] * D + dd[None, :], dx.to(DX.dtype.element_ty),
-                     mask=row_ok & (offs_i < F)[:, None] & (dd < D)[None, :])
+    if BLOCK_I >= F and BLOCK_D >= D:
+        for r in tl.range(0, BLOCK_B, num_stages=ROW_STAGES):
+            row = tl.program_id(0) * BLOCK_B + r
+            row_ok = row < num_rows
+            sym = tl.load(DOUT + row.to(tl.int64) * (DD + F * (F - 1) // 2) + col, mask=row_ok & (upper | lower),
+                          other=0.0)  # [BF, BF]
+            tile = row.to(tl.int64) * (F * D) + offs_f[:, None] * D + offs_d[None, :]
+            ok = row_ok & (offs_f < F)[:, None] & (offs_d < D)[None, :]
+            x = tl.load(X + tile, mask=ok, other=0.0)  # [BF, BD]
+            dx = tl.dot(sym.to(x.dtype), x, input_precision=PRECISION)  # [BF, BD] f32
+            tl.store(DX + tile, dx.to(DX.dtype.element_ty), mask=ok)
+    else:
+        for r in tl.static_range(BLOCK_B):
+            row = tl.program_id(0) * BLOCK_B + r
+            row_ok = row < num_rows
+            sym = tl.load(DOUT + row.to(tl.int64) * (DD + F * (F - 1) // 2) + col, mask=row_ok & (upper | lower),
+                          other=0.0)  # [BI, BF]
+            x_row = X + row.to(tl.int64) * (F * D)
+            dx_row = DX + row.to(tl.int64) * (F * D)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                x = tl.load(x_row + offs_f[:, None] * D + dd[None, :],
+                            mask=row_ok & (offs_f < F)[:, None] & (dd < D)[None, :], other=0.0)  # [BF, BD]
+                dx = tl.dot(sym.to(x.dtype), x, input_precision=PRECISION)  # [BI, BD] f32
+                tl.store(dx_row + offs_i[:, None] * D + dd[None, :], dx.to(DX.dtype.element_ty),
+                         mask=row_ok & (offs_i < F)[:, None] & (dd < D)[None, :])
 
 
 # --------------------------------------------------------------------------- configs
@@ -123,18 +158,21 @@ def _block_d(d: int, block_f: int) -> int:
 def autotuned(kind: str, block_f: int):
     """Autotuned forward/backward kernel for a feature block size: rows per program, G rows
     per program and warps (static sm_90 compiles of these: kernels/NOTES.md)."""
-    if block_f <= 32:
-        shapes = [(1, block_f, 4), (4, block_f, 4), (8, block_f, 4)]
+    if block_f <= 32:  # (BLOCK_B, BLOCK_I, warps, ROW_STAGES): whole-row tiles, pipelined over rows
+        shapes = [(1, block_f, 4, 1), (4, block_f, 4, 1), (8, block_f, 4, 1), (32, block_f, 4, 3),
+                  (64, block_f, 4, 4), (16, block_f, 2, 3)]
     elif block_f == 64:
-        shapes = [(1, 64, 4), (1, 32, 4), (2, 64, 8), (1, 64, 8)]
+        shapes = [(1, 64, 4, 1), (1, 32, 4, 1), (2, 64, 8, 1), (1, 64, 8, 1), (8, 64, 4, 3), (16, 64, 4, 3),
+                  (16, 64, 8, 2)]
     else:
-        shapes = [(1, 32, 4), (1, 64, 8), (1, 32, 8), (1, 16, 4)]
-    configs = [triton.Config({"BLOCK_B": bb, "BLOCK_I": bi}, num_warps=w, num_stages=2) for bb, bi, w in shapes]
+        shapes = [(1, 32, 4, 1), (1, 64, 8, 1), (1, 32, 8, 1), (1, 16, 4, 1)]
+    configs = [triton.Config({"BLOCK_B": bb, "BLOCK_I": bi, "ROW_STAGES": rs}, num_warps=w, num_stages=2)
+               for bb, bi, w, rs in shapes]
     kernel = _interaction_fwd_kernel if kind == "fwd" else _interaction_bwd_kernel
     return triton.autotune(configs=configs, key=["num_rows"])(kernel)
 
 
-INTERPRET_CONFIG = {"BLOCK_B": 2, "BLOCK_I": 16, "num_warps": 4, "num_stages": 1}
+INTERPRET_CONFIG = {"BLOCK_B": 2, "BLOCK_I": 16, "ROW_STAGES": 1, "num_warps": 4, "num_stages": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +188,7 @@ class _Static:
 
     def launch_config(self, kind: str) -> dict | None:
         if self.config is not None:
-            return dict(self.config)
+            return {"ROW_STAGES": 1, **dict(self.config)}
         if self.mode == "interpret":
             return dict(INTERPRET_CONFIG)
         if self.mode == "torch":
@@ -215,7 +253,8 @@ def interaction_triton(
     """[B, Dd + F(F-1)/2]: ``dense`` (cast to x's dtype) then the i < j dot products of the
     rows of x, i-major; same contract as ``genrec_jax.ops.interaction.pairwise_interaction_reference``.
     Differentiable w.r.t. x and dense. ``precision`` applies to float32 ("ieee" default, or
-    "tf32"); ``config`` pins {"BLOCK_B", "num_warps", "num_stages"} instead of autotuning."""
+    "tf32"); ``config`` pins {"BLOCK_B", "BLOCK_I", "num_warps", "num_stages"[, "ROW_STAGES"]}
+    instead of autotuning."""
     b, f, d = x.shape
     if dense is not None:
         dense = dense.astype(x.dtype)

@@ -210,6 +210,30 @@ def test_kernel_time_bucket_formula_is_exact():
         np.testing.assert_array_equal(_bucket_bit_trick(dt, nb), time_bucket64(dt, nb))
 
 
+@needs_triton
+def test_sigmoid_mode_selection():
+    """fp32 keeps the exact sigmoid; 16-bit inputs take the tanh form, as inline PTX on the GPU
+    and through exp in the interpreter; bad values are refused."""
+    from genrec_jax.kernels.hstu_attention import _silu_mode
+
+    assert _silu_mode("float32", "jax_triton") == 0
+    assert _silu_mode("bfloat16", "jax_triton") == 2 and _silu_mode("float16", "torch") == 2
+    assert _silu_mode("bfloat16", "interpret") == 1
+    assert _silu_mode("bfloat16", "jax_triton", "exact") == 0 and _silu_mode("float32", "jax_triton", "tanh") == 2
+    with pytest.raises(ValueError, match="sigmoid"):
+        _silu_mode("bfloat16", "jax_triton", "fast")
+
+
+def test_tanh_silu_identity():
+    """The kernels' 16-bit SiLU h + h tanh(h) (h = s / 2) and sigmoid 0.5 + 0.5 tanh(s / 2)
+    are s sigma(s) and sigma(s) (float64)."""
+    s = np.random.default_rng(5).normal(0, 8, 10_000)
+    sig = 1 / (1 + np.exp(-s))
+    h = s / 2
+    np.testing.assert_allclose(h + h * np.tanh(h), s * sig, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(0.5 + 0.5 * np.tanh(h), sig, rtol=1e-12, atol=1e-15)
+
+
 def test_oracle_matches_loop_definition():
     from tests.ops.test_hstu_attention import numpy_hstu
 
@@ -451,7 +475,7 @@ def test_compiles_for_sm90_within_shared_memory(kind):
     ptr = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "OUT": "*bf16", "DK": "*bf16", "DQ": "*fp32",
            "DPOS": "*fp32", "DTIME": "*fp32", "POS_BIAS": "*fp32", "TIME_BIAS": "*fp32"}
     flags = dict(H=4, DQK=128, NORM_COUNT=True, HAS_POS=True, HAS_TIME=True, PRECISION="tf32", BLOCK_DQK=128,
-                 BLOCK_DV=128)
+                 BLOCK_DV=128, SILU=ka._silu_mode("bfloat16", "jax_triton"))
     if kind == "fwd":
         kernel = ka.autotuned("fwd", 128, True)
         meta = dict(flags, DV=128, HAS_TARGETS=True, PADDED=True)
@@ -485,6 +509,7 @@ def test_compiles_for_sm90_within_shared_memory(kind):
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     assert compiled.metadata.shared <= 232448
     assert "mma" in compiled.asm["ptx"]
+    assert flags["SILU"] == 2 and "tanh.approx.f32" in compiled.asm["ptx"]  # one MUFU op per pair (bf16)
 
 
 # --------------------------------------------------------------------------- GPU (jax-triton)

@@ -24,6 +24,7 @@ SHAPES = [  # B, F, D, Dd
     (3, 2, 16, 0),
     (4, 17, 20, 5),
     (2, 50, 8, 0),
+    (5, 12, 8, 3),  # whole row in one tile (interpreter: BLOCK_I = BLOCK_D = 16): the pipelined row loop
     (3, 1, 8, 2),
     (1, 3, 1, 1),
 ]
@@ -198,6 +199,32 @@ def test_compiles_for_sm90(kind):
     compiled = launch.compile_for_target(kernel, sig, meta, num_warps=warps, num_stages=stages)
     assert compiled.metadata.shared <= 232448
     assert "mma" in compiled.asm["ptx"]
+
+
+@needs_triton
+@pytest.mark.parametrize("f", [16, 50])
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_whole_row_configs_compile_for_sm90(kind, f):
+    """The pipelined whole-row path (BLOCK_I >= F, BLOCK_D = D = 128) in every configuration
+    that takes it compiles to sm_90 within shared memory."""
+    from genrec_jax.kernels import interaction as ki
+    from genrec_jax.kernels import launch
+
+    block_f = ki._block_f(f)
+    kernel = ki.autotuned(kind, block_f)
+    sig = {"X": "*bf16", "DENSE": "*bf16", "num_rows": "i32", "OUT": "*bf16", "DOUT": "*bf16", "DX": "*bf16"}
+    sig = {n: sig[n] for n in launch.base_jit(kernel).arg_names if n in sig}
+    whole = [c for c in launch.autotune_configs(kernel) if c["BLOCK_I"] >= f and c["ROW_STAGES"] > 1]
+    assert whole
+    for cfg in whole:
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        meta = dict(F=f, D=128, DD=13 if kind == "fwd" else 0, PRECISION="tf32", BLOCK_F=block_f,
+                    BLOCK_D=ki._block_d(128, block_f), **cfg)
+        if kind == "fwd":
+            meta.update(HAS_DENSE=True, BLOCK_DD=16)
+        compiled = launch.compile_for_target(kernel, sig, meta, num_warps=warps, num_stages=stages)
+        assert compiled.metadata.shared <= 232448
+        assert "mma" in compiled.asm["ptx"]
 
 
 # --------------------------------------------------------------------------- GPU
