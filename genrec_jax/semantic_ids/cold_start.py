@@ -20,9 +20,11 @@ item_features), and
 5. initialises their retrieval embeddings as the mean of the first items of that ranking.
 
 Without a decoder the voters' mean embedding ranks the candidates (with popularity); without
-retrieval embeddings at all (e.g. serving registers items with only the RQ-VAE) the RQ-VAE
-latent places the item: the nearest existing code path, and embeddings from the items
-sharing the longest code prefix.
+retrieval embeddings at all (``add_items(None, sid, x)``) the RQ-VAE latent places the item:
+the nearest existing code path, and embeddings from the items sharing the longest code
+prefix. ``place_items`` is steps 1-4 and the embedding sources without touching the model
+(the server calls it with the model it serves, then writes ``neighbour_mean`` rows into
+its own padded table).
 """
 
 from __future__ import annotations
@@ -337,7 +339,29 @@ def add_items(model, sid: SemanticIDs, features: np.ndarray, *, num_neighbours: 
     ``item_popularity`` when given). With no embeddings at all, the RQ-VAE latent alone places
     the item (see :func:`assign_new_codes`, :func:`semantic_neighbours`). Returns the new
     ids, codes, the existing items each new embedding is averaged from, and the trie.
+    (:func:`place_items` then :func:`grow_model`.)
     """
+    res = place_items(model, sid, features, num_neighbours=num_neighbours, standardized=standardized,
+                      prefer_existing=prefer_existing, item_popularity=item_popularity,
+                      popular_among=popular_among, item_embeddings=item_embeddings, num_voters=num_voters,
+                      probe_action=probe_action)
+    if model is not None:
+        grow_model(model, res.semantic_ids.codes, res.neighbours)
+    return res
+
+
+def place_items(model, sid: SemanticIDs, features: np.ndarray, *, num_neighbours: int = 10,
+                standardized: bool = False, prefer_existing: bool = True,
+                item_popularity: np.ndarray | None = None, popular_among: int = 10,
+                item_embeddings: np.ndarray | None = None, num_voters: int = 20,
+                probe_action: int = 0) -> ColdStartResult:
+    """:func:`add_items` without growing the model: the new items' semantic IDs, grown IDs
+    and trie, and the existing items each new embedding is to be averaged from
+    (:func:`neighbour_mean`). ``model`` is only read: its item table when
+    ``item_embeddings`` is None, and its encoder and decoder for the pseudo-user, whose
+    history holds items of ``sid`` only (rows of the item table past ``sid.num_items``,
+    e.g. padding for capacity, are never read). The server calls this with the model it
+    serves."""
     x = np.asarray(features, np.float32)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"features must be [M >= 1, F], got shape {x.shape}")
@@ -371,9 +395,14 @@ def add_items(model, sid: SemanticIDs, features: np.ndarray, *, num_neighbours: 
     neighbours = semantic_neighbours(sid, new_codes, z, num_neighbours)
     if ranking is not None:  # the collaborative ranking where it has items (beams can come back empty)
         neighbours = [r[r > 0][:num_neighbours] if (r > 0).any() else nb for r, nb in zip(ranking, neighbours)]
-    if model is not None:
-        grow_model(model, table, neighbours)
     return ColdStartResult(ids, new_codes, neighbours, grown, trie)
+
+
+def neighbour_mean(item_embeddings: np.ndarray, neighbours: list[np.ndarray]) -> np.ndarray:
+    """New items' retrieval embeddings [M, D] (dtype of ``item_embeddings``): the mean of
+    each one's ``neighbours``' rows of ``item_embeddings`` [N + 1, D]."""
+    emb = np.asarray(item_embeddings)
+    return np.stack([emb[nb].mean(0) for nb in neighbours]).astype(emb.dtype)
 
 
 def grow_model(model, table: np.ndarray, neighbours: list[np.ndarray]) -> None:
@@ -382,7 +411,7 @@ def grow_model(model, table: np.ndarray, neighbours: list[np.ndarray]) -> None:
     if len(emb) + len(neighbours) != len(table):
         raise ValueError(f"the model has {len(emb) - 1} items, the code table {len(table) - 1} - "
                          f"{len(neighbours)} new: they must agree")
-    rows = np.stack([emb[nb].mean(0) for nb in neighbours]).astype(emb.dtype)
+    rows = neighbour_mean(emb, neighbours)
     model.item_emb.embedding.set_value(jnp.asarray(np.concatenate([emb, rows])))
     if getattr(model, "item_codes", None) is not None:
         model.item_codes.set_value(jnp.asarray(table, jnp.int32))

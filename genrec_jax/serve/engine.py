@@ -108,6 +108,8 @@ class Engine:
         serve_cfg: buckets, limits, cache sizes (``ServeConfig``).
         model_version: reported with every answer.
         semantic_dir: the run's ``semantic_ids/`` folder (RQ-VAE for cold start), if any.
+        item_popularity: training interaction count per internal item id [N + 1] (cold-start
+            placement without a decoder), if the run saved it.
         warmup: compile every executable now (else call ``warmup()``).
         compiler_options: XLA options for every compile (tests use a low optimisation level).
         heads: which heads to compile and serve ("retrieval", "rank", "generative"); a
@@ -116,7 +118,8 @@ class Engine:
 
     def __init__(self, model, catalog: Catalog, serve_cfg: ServeConfig, *, model_version: str = "unversioned",
                  semantic_dir: Path | None = None, warmup: bool = True, device=None,
-                 compiler_options: dict | None = None, heads: Sequence[str] = HEADS):
+                 compiler_options: dict | None = None, heads: Sequence[str] = HEADS,
+                 item_popularity: np.ndarray | None = None):
         if model.cfg.arch != "hstu" or model.cfg.multiscale.enabled:
             raise ValueError("serving needs the HSTU encoder without the multi-scale prefix (model.arch=hstu, "
                              "model.multiscale.enabled=false): the prefix cache and M-FALCON ranking run on "
@@ -135,7 +138,7 @@ class Engine:
         self.num_actions = int(model.num_actions)
         self.unknown_action = self.num_actions if model.action_emb is not None else 0
         self.task_names = tuple(model.tasks.tasks) if model.tasks is not None else ()
-        self.semantic = SemanticSide(model, semantic_dir)
+        self.semantic = SemanticSide(model, semantic_dir, item_popularity)
         # Buckets (each a compiled shape).
         self.batch_buckets = sorted(set(serve_cfg.batch_buckets))
         self.max_batch = self.batch_buckets[-1]
@@ -205,7 +208,7 @@ class Engine:
             sem = Path(tm.cfg.model.decoder.codes_dir)
         version = f"{run_dir.resolve().name}@{tm.step}"
         return cls(tm.model, catalog, cfg.serve, model_version=version, semantic_dir=sem if sem.exists() else None,
-                   warmup=warmup, compiler_options=compiler_options)
+                   warmup=warmup, compiler_options=compiler_options, item_popularity=tm.item_popularity)
 
     # ----------------------------------------------------------------- compiling
 
@@ -536,13 +539,17 @@ class Engine:
     def add_items(self, items: Sequence[Mapping[str, Any]]) -> list[dict]:
         """Register cold-start items ``[{"item_id", "features": [float, ...]}]``.
 
-        Each gets a semantic ID from its content through the RQ-VAE, and a retrieval
-        embedding averaged from its semantic neighbours (``semantic_ids.cold_start``); it
-        is recommendable, rankable and usable in histories at once, without retraining.
-        The item table was padded for them at start, so nothing recompiles except the
-        generative step when the trie grows -- compiled here, in the caller's thread, and
-        swapped in atomically while requests keep being served. Raises Conflict without
-        an RQ-VAE, or when ``serve.cold_start_capacity`` is used up.
+        Each is placed as ``semantic_ids.cold_start.add_items`` places it with the served
+        model (its parameters as served, its live item rows): a semantic ID on the code
+        path its content neighbours' pseudo-user gets from the decoder (without a decoder:
+        from the items nearest their mean embedding, with training popularity), and a
+        retrieval embedding averaged from the first items of that ranking. It is
+        recommendable, rankable and usable in histories at once, without retraining. The
+        item table was padded for them at start, so nothing recompiles except the
+        generative step when the trie grows -- compiled here, in the caller's thread (as
+        is the placement's beam search), and swapped in atomically while requests keep
+        being served. Raises Conflict without an RQ-VAE, or when
+        ``serve.cold_start_capacity`` is used up.
         """
         with self._register_lock:
             reason = self.semantic.cold_start_reason()
@@ -557,14 +564,17 @@ class Engine:
                 raise Conflict(f"room for {self.item_capacity - self.live_items} more cold-start items "
                                f"(serve.cold_start_capacity={self.cfg.cold_start_capacity}); restart with a "
                                "larger capacity or retrain")
-            reg = self.semantic.register([it["features"] for it in items], self.live_items)
+            # The weights change only here, under the registration lock: read them without
+            # holding up requests.
+            model, emb = self._served_model()
+            reg = self.semantic.register([it["features"] for it in items], self.live_items, emb, model)
+            del model
             gen = self._compile_generate(reg.trie) if self._gen is not None else None
             start = self.live_items + 1
             rows = np.arange(start, start + len(ids))
+            new = jnp.asarray(reg.embeddings)
             with self._lock:
                 params, rest = jax.tree.unflatten(self._fn.treedef, self.weights)
-                emb = np.asarray(params["item_emb"]["embedding"][...], np.float32)
-                new = jnp.asarray(np.stack([emb[nb].mean(0) for nb in reg.neighbours]))  # as cold_start.grow_model
                 params = map_item_embedding(params, lambda e: e.at[rows].set(new.astype(e.dtype)))
                 vecs = l2_normalize(new) if self._l2_norm else new
                 self.item_table = self.item_table.at[rows].set(vecs.astype(self.item_table.dtype))
@@ -576,6 +586,26 @@ class Engine:
                     self._gen = gen
                 self.semantic.commit(reg)
         return [{"item_id": x, "semantic_id": [int(c) for c in code]} for x, code in zip(ids, reg.codes)]
+
+    def _served_model(self):
+        """What cold-start placement reads: the live item embeddings float32
+        [live_items + 1, D], and, when the model has a decoder (else None), a throwaway
+        view of the model as served -- float32 parameters (the stored ones, cast as every
+        step casts them) with the live item rows, the live code table and item count, i.e.
+        the model ``cold_start.add_items`` would have grown by the same registrations."""
+        params, rest = jax.tree.unflatten(self._fn.treedef, self.weights)
+        n = self.live_items + 1
+        emb = np.asarray(params["item_emb"]["embedding"][...][:n], np.float32)
+        if not self.semantic.has_decoder:
+            return None, emb
+        params = map_item_embedding(params, lambda e: e[:n])
+        params = jax.tree.map(lambda p: p.astype(jnp.float32) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                              params)
+        view = nnx.merge(self._fn.graphdef, params, rest)
+        view.num_items = self.live_items
+        if getattr(view, "item_codes", None) is not None:
+            view.item_codes.set_value(jnp.asarray(self.semantic.item_codes(), jnp.int32))
+        return view, emb
 
     # ----------------------------------------------------------------- introspection
 

@@ -5,9 +5,11 @@ Kept apart from the engine so that ``mode="generative"`` and ``POST /v1/items`` 
 engine knowing their internals. Two independent capabilities:
 
 * generation needs the semantic-ID decoder in the checkpoint (``model.decoder``);
-* cold start needs the RQ-VAE (the run's ``semantic_ids/`` folder): a new item gets a
-  semantic ID from its content, and a retrieval embedding averaged from its semantic
-  neighbours, so it is recommendable (both modes), rankable and usable in histories at once.
+* cold start needs the RQ-VAE (the run's ``semantic_ids/`` folder): a new item is placed
+  as ``cold_start.add_items`` places it with the served model (``cold_start.place_items``:
+  content-bridge voters, the decoder's beams for a pseudo-user of those voters when the
+  checkpoint has a decoder, else the items nearest the voters' mean embedding with training
+  popularity), so it is recommendable (both modes), rankable and usable in histories at once.
 
 Without them the engine still serves retrieval and ranking; these features answer 409.
 """
@@ -25,16 +27,17 @@ from genrec_jax.serve.errors import Conflict, RequestError
 
 @dataclasses.dataclass
 class Registration:
-    """New items' semantic IDs and embedding sources (from ``cold_start.add_items``)."""
+    """New items' semantic IDs and embeddings (from ``cold_start.place_items``)."""
 
     codes: np.ndarray  # int32 [M, L]
     neighbours: list[np.ndarray]  # per new item: existing internal ids its embedding averages
+    embeddings: np.ndarray  # float32 [M, D]: their retrieval embeddings (mean of the neighbours' rows)
     trie: object  # the grown Trie
     semantic_ids: object  # the grown SemanticIDs (taken by ``commit``)
 
 
 class SemanticSide:
-    def __init__(self, model, semantic_dir: Path | None = None):
+    def __init__(self, model, semantic_dir: Path | None = None, item_popularity: np.ndarray | None = None):
         self.search: Callable | None = None
         self.trie = None
         self.decoder_reason = None
@@ -48,6 +51,12 @@ class SemanticSide:
             self.search = decoder_beam_search
             self.trie = Trie.from_item_codes(np.asarray(model.item_codes[...], np.int32), model.decoder.code_sizes)
         self.semantic_dir = semantic_dir
+        self.has_decoder = getattr(model, "decoder", None) is not None
+        # Training interaction counts [N + 1] (placement without a decoder); new items count 0.
+        self.item_popularity = None if item_popularity is None else np.asarray(item_popularity, np.float64)
+        if self.item_popularity is not None and len(self.item_popularity) != int(model.num_items) + 1:
+            raise ValueError(f"item_popularity has {len(self.item_popularity)} rows; the model has "
+                             f"{int(model.num_items)} items (+1 padding row)")
         self._sid = None  # SemanticIDs with the RQ-VAE: loaded by the first registration
 
     @property
@@ -85,9 +94,21 @@ class SemanticSide:
                 raise Conflict(f"{self.semantic_dir} holds semantic IDs but not the RQ-VAE that made them")
         return self._sid
 
-    def register(self, features: Sequence[Sequence[float]], num_items: int) -> Registration:
-        """Semantic IDs and embedding neighbours for new items (raw content vectors, like
-        the catalogue's). ``num_items``: items the engine has now (the IDs must agree)."""
+    def item_codes(self) -> np.ndarray:
+        """The live item -> semantic ID table int32 [N + 1, L] (registered items included)."""
+        return self._semantic_ids().codes
+
+    def register(self, features: Sequence[Sequence[float]], num_items: int, item_embeddings: np.ndarray,
+                 model=None) -> Registration:
+        """Semantic IDs and embeddings for new items (raw content vectors, like the
+        catalogue's), placed as ``cold_start.add_items`` does with the served model.
+
+        ``num_items``: items the engine has now (the IDs must agree); ``item_embeddings``
+        float32 [num_items + 1, D]: their retrieval embeddings as served; ``model``: the
+        served model with its decoder (its item table covering every live item), or None
+        without a decoder. Nothing here changes ``model`` or the served state (``commit``
+        adopts the result).
+        """
         reason = self.cold_start_reason()
         if reason:
             raise Conflict(reason)
@@ -102,14 +123,22 @@ class SemanticSide:
         bad = [i for i, n in enumerate(rows) if n != width]
         if bad:
             raise RequestError(f"items[{bad[0]}].features", f"{rows[bad[0]]} values; the RQ-VAE takes {width}")
+        emb = np.asarray(item_embeddings, np.float32)
+        if len(emb) != num_items + 1:
+            raise ValueError(f"item_embeddings has {len(emb)} rows for {num_items} items (+1 padding row)")
+        pop = self.item_popularity
+        if pop is not None:  # items registered since start have no training interactions
+            pop = np.pad(pop, (0, num_items + 1 - len(pop)))
         try:
-            res = cold_start.add_items(None, sid, np.asarray(features, np.float32))
+            res = cold_start.place_items(model if self.has_decoder else None, sid, np.asarray(features, np.float32),
+                                         item_embeddings=emb, item_popularity=pop)
         except cold_start.CapacityError as e:
             raise Conflict(str(e)) from None
         except ValueError as e:
             raise RequestError("items", str(e)) from None
-        return Registration(np.asarray(res.codes, np.int32), [np.asarray(n) for n in res.neighbours], res.trie,
-                            res.semantic_ids)
+        neighbours = [np.asarray(n) for n in res.neighbours]
+        return Registration(np.asarray(res.codes, np.int32), neighbours, cold_start.neighbour_mean(emb, neighbours),
+                            res.trie, res.semantic_ids)
 
     def commit(self, reg: Registration) -> None:
         """Adopt a registration once the engine serves it (the next one builds on it)."""

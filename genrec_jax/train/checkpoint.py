@@ -6,6 +6,7 @@ A run directory looks like::
       config.yaml        the full resolved config
       dataset.json       num_items, num_actions, max_len, data set name
       items.json         external id of every internal item id (index 0 = padding)
+      item_popularity.npy  training interactions per internal item id (cold-start placement)
       checkpoints/<step>/state, meta     orbax; written to a temporary folder and renamed
       metrics.jsonl, tb/                 logs
 

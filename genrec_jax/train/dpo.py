@@ -146,7 +146,8 @@ def run_dpo(cfg: Config, out: str | Path, progress: bool = True, log=print) -> d
             history.append(vals)
     from genrec_jax.train.loop import write_run_files
 
-    write_run_files(out / "dpo", reference.cfg, ds, reference.info["max_len"])  # servable run directory
+    write_run_files(out / "dpo", reference.cfg, ds, reference.info["max_len"],  # servable run directory
+                    item_popularity=reference.item_popularity)
     ckpt = Checkpointer(out / "dpo", keep=1)
     ckpt.save(cfg.train.dpo.num_steps, state, {"stage": "dpo", "reference": str(ref_dir)})
     ckpt.close()

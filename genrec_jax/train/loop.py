@@ -26,7 +26,7 @@ from genrec_jax.data.sequences import CollateOptions, LeaveOneOut, leave_one_out
 from genrec_jax.data.types import Dataset
 from genrec_jax.eval.evaluate import evaluate_baselines, evaluate_model, format_table
 from genrec_jax.model.recommender import build_model
-from genrec_jax.train.checkpoint import Checkpointer, atomic_write_json, atomic_write_text, read_json
+from genrec_jax.train.checkpoint import Checkpointer, atomic_write, atomic_write_json, atomic_write_text, read_json
 from genrec_jax.train.logging import MetricsLogger
 from genrec_jax.train.step import StepBuilder
 
@@ -62,7 +62,10 @@ Hook = Callable[[RunContext, int, dict], None]
 # --------------------------------------------------------------------------- setup
 
 
-def write_run_files(run_dir: Path, cfg: Config, ds: Dataset, max_len: int) -> None:
+def write_run_files(run_dir: Path, cfg: Config, ds: Dataset, max_len: int,
+                    item_popularity: np.ndarray | None = None) -> None:
+    """``item_popularity``: interactions per internal item id in the training sequences
+    [N + 1], saved for cold-start placement at serving time (``item_popularity.npy``)."""
     atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     atomic_write_json(run_dir / "dataset.json", {
         "name": ds.name, "num_items": ds.num_items, "num_actions": ds.num_actions,
@@ -70,6 +73,9 @@ def write_run_files(run_dir: Path, cfg: Config, ds: Dataset, max_len: int) -> No
         "has_timestamps": ds.has_timestamps,
     })
     atomic_write_json(run_dir / "items.json", [str(x) for x in ds.item_ids])
+    if item_popularity is not None:
+        atomic_write(run_dir / "item_popularity.npy",
+                     lambda f: np.save(f, np.asarray(item_popularity, np.int64), allow_pickle=False), mode="wb")
 
 
 def fit_sequences(ds: Dataset, split: LeaveOneOut, fit: str):
@@ -139,7 +145,8 @@ def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: b
                         seed=cfg.train.seed, action_names=tuple(ds.action_names),
                         item_codes=item_codes, code_sizes=code_sizes)
     fit_events = fit_sequences(ds, split, cfg.data.fit)
-    steps = StepBuilder(model, cfg.train, mesh, item_counts=ds.item_popularity(fit_events))
+    popularity = ds.item_popularity(fit_events)
+    steps = StepBuilder(model, cfg.train, mesh, item_counts=popularity)
     loader = TrainLoader(fit_events, batch_size=cfg.data.batch_size, max_len=max_len,
                          bucket_sizes=cfg.data.bucket_sizes, seed=cfg.train.seed,
                          options=collate_options(cfg, ds, train=True))
@@ -152,7 +159,7 @@ def setup(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: b
         loader.load_state_dict(meta["loader"])
         ctx.state, ctx.step = state, step
     else:
-        write_run_files(run_dir, cfg, ds, max_len)
+        write_run_files(run_dir, cfg, ds, max_len, item_popularity=popularity)
         ctx.state, ctx.step = steps.init_state(), 0
     return ctx
 

@@ -22,6 +22,9 @@ class TrainedModel:
     item_ids: list[str]  # external id of each internal item id (index 0 = padding)
     step: int
     run_dir: Path
+    # training interactions per internal item id [N + 1] (item_popularity.npy; None for runs
+    # that predate it)
+    item_popularity: np.ndarray | None = None
 
 
 def load_trained(run_dir: str | Path, step: int | None = None) -> TrainedModel:
@@ -56,7 +59,10 @@ def load_trained(run_dir: str | Path, step: int | None = None) -> TrainedModel:
     finally:
         ckpt.close()
     nnx.update(model, state["params"])
-    return TrainedModel(model=model, cfg=cfg, info=info, item_ids=list(item_ids), step=int(step), run_dir=run_dir)
+    pop_file = run_dir / "item_popularity.npy"
+    pop = np.load(pop_file, allow_pickle=False) if pop_file.is_file() else None
+    return TrainedModel(model=model, cfg=cfg, info=info, item_ids=list(item_ids), step=int(step), run_dir=run_dir,
+                        item_popularity=pop)
 
 
 def _first_device():

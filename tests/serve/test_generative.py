@@ -1,6 +1,7 @@
 """The semantic-ID side of serving: trie-constrained beam search (mode=generative) and
 cold-start registration through the RQ-VAE."""
 
+import jax
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -69,6 +70,8 @@ def test_cold_start_registration(engine, serve_cfg, item_features):
         while c.get("/readyz").status_code != 200:
             pass
         assert c.get("/readyz").json()["cold_start_features"] == item_features.shape[1]
+        pop = engine.semantic.item_popularity  # saved by training (placement without a decoder)
+        assert pop is not None and len(pop) == engine.num_items + 1 and pop[0] == 0 and pop.sum() > 0
         before = c.get("/v1/items").json()["total"]
         new = [{"item_id": "cold-a", "features": item_features[5].tolist()},
                {"item_id": "cold-b", "features": (item_features[9] * 1.01).tolist()}]
@@ -88,3 +91,75 @@ def test_cold_start_registration(engine, serve_cfg, item_features):
     assert engine.compiles == len(engine.executables()), "registration must not recompile the encoder steps"
     with pytest.raises(RequestError, match="features"):
         engine.add_items([{"item_id": "w", "features": [0.0, 1.0]}])
+
+
+def _as_served(model, dtype: str) -> None:
+    """Round ``model``'s float parameters to the serving storage dtype and commit its state
+    to the device, as the engine's are (in place; the library call then reuses the probe
+    search the engine compiled)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    if dtype != "float32":
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(p.dtype)
+                                       if jnp.issubdtype(p.dtype, jnp.floating) else p, params))
+    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cold_start_places_items_like_add_items(tiny_run, item_features, monkeypatch, dtype):
+    """POST /v1/items places items exactly as the library's add_items does with the served
+    model: content-bridge voters, the decoder's beams for their pseudo-user, exposure-aware
+    path choice. Same semantic IDs and embeddings as add_items on a copy of the model whose
+    parameters are what the engine serves (bf16-rounded under serve.param_dtype=bfloat16;
+    the engine then stores each new row in bf16), over two registrations (the second one
+    builds on the first's items)."""
+    from flax import nnx
+
+    from genrec_jax.config import load_config, preset_path
+    from genrec_jax.model.recommender import build_model
+    from genrec_jax.semantic_ids import cold_start
+    from genrec_jax.semantic_ids.train_rqvae import load_semantic_ids
+    from genrec_jax.serve.engine import Engine
+    from genrec_jax.serve.inputs import Catalog
+
+    from .conftest import FAST_COMPILE, SERVE_OVERRIDES
+
+    sem = tiny_run / "semantic_ids"
+    sid = load_semantic_ids(sem)
+    n = sid.num_items
+    cfg = load_config(preset_path("tiny"), [
+        "model.decoder.enabled=true", "model.decoder.num_layers=1", "model.decoder.head_dim=8",
+        "model.decoder.ffn_dim=32", "model.decoder.beam_width=8", *SERVE_OVERRIDES, f"serve.param_dtype={dtype}"])
+    model = build_model(cfg.model, num_items=n, num_actions=5, max_len=cfg.data.max_seq_len, item_codes=sid.codes,
+                        code_sizes=sid.code_sizes)
+    for head in model.decoder.heads:  # sharper than a fresh init, so the decoder's rankings differ
+        head.kernel[...] = head.kernel[...] * 8.0
+    pop = (np.arange(n + 1) * 7) % 13
+    pop[0] = 0
+    reference = nnx.clone(model)
+    _as_served(reference, dtype)
+    catalog = Catalog(["<pad>"] + [f"i{i}" for i in range(1, n + 1)], ["view", "like", "share", "skip", "purchase"])
+    engine = Engine(model, catalog, cfg.serve, semantic_dir=sem, warmup=False, compiler_options=FAST_COMPILE,
+                    heads=("retrieval",), item_popularity=pop)
+    probes = []
+    ranking = cold_start.decoder_ranking
+    monkeypatch.setattr(cold_start, "decoder_ranking", lambda *a, **k: probes.append(1) or ranking(*a, **k))
+
+    lib = sid
+    rounds = [[5, 9], [17, 40]]
+    for r, rows in enumerate(rounds):
+        x = np.stack([item_features[i] * (1.0 + 0.01 * r) for i in rows]).astype(np.float32)
+        got = engine.add_items([{"item_id": f"new-{r}-{i}", "features": f.tolist()} for i, f in zip(rows, x)])
+        assert len(probes) == 2 * r + 1, "the server must place items with the decoder's beams"
+        res = cold_start.add_items(reference, lib, x, item_popularity=np.pad(pop, (0, len(lib.codes) - len(pop))))
+        _as_served(reference, dtype)  # the engine stores the new rows in its dtype too
+        lib = res.semantic_ids
+        assert [g["semantic_id"] for g in got] == res.codes.tolist()
+        np.testing.assert_array_equal(engine.semantic._sid.codes, lib.codes)
+    params = jax.tree.unflatten(engine._fn.treedef, engine.weights)[0]
+    served = np.asarray(params["item_emb"]["embedding"][...], np.float32)
+    want = np.asarray(reference.item_emb.embedding[...], np.float32)
+    assert engine.live_items == n + 4 and len(want) == n + 5
+    np.testing.assert_array_equal(served[:n + 5], want)  # old rows unchanged, new ones as add_items made them
