@@ -58,6 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-seconds", type=float, default=600.0, help="stop timing a mode after this long")
+    p.add_argument("--profile", default=None,
+                   help="after the timings, trace --profile-iters recommend batches of --profile-batch with "
+                        "jax.profiler under DIR and print device time per batch beside the wall time")
+    p.add_argument("--profile-batch", type=int, default=32)
+    p.add_argument("--profile-iters", type=int, default=10)
     p.add_argument("--json", default=None, help="write one JSON object per table row here")
     p.add_argument("--plot", default=None, help="PNG of latency vs throughput (needs matplotlib)")
     return p.parse_args(argv)
@@ -188,6 +193,34 @@ def time_engine(engine, mode, b, args, seed):
     return lat
 
 
+def profile_recommend(engine, args) -> list[dict]:
+    """Wall time vs device time of retrieval ``recommend`` batches: how much of a batch's
+    latency is host work (padding, transfers, result copies) rather than the model."""
+    import jax
+
+    from bench.common import print_trace_summary, summarize_trace
+    from genrec_jax.serve.engine import RecommendJob
+
+    b, n = args.profile_batch, args.profile_iters
+    batches = [[RecommendJob(h, args.k, "retrieval") for h in histories(b, args.history_len, engine.num_items, 90 + i)]
+               for i in range(n + 1)]
+    engine.process(batches[0])  # warm
+    jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
+    t0 = time.perf_counter()
+    for jobs in batches[1:]:
+        engine.process(jobs)
+    wall_ms = (time.perf_counter() - t0) / n * 1e3
+    jax.profiler.stop_trace()
+    summary = summarize_trace(args.profile, steps=n)
+    print_trace_summary(summary, f"profile of recommend, batch {b} ({n} batches; wall {wall_ms:.2f} ms per batch)")
+    device_ms = sum(r["ms_per_step"] for r in summary if r["kind"] == "class")
+    print(f"recommend batch {b}: wall {wall_ms:.2f} ms, device {device_ms:.2f} ms per batch "
+          f"({100 * device_ms / wall_ms:.0f}% of the wall time on the device)")
+    return [{"engine": "profile", "mode": "recommend", "batch": b, "wall_ms": wall_ms, "device_ms": device_ms,
+             **{k: v for k, v in r.items() if k != "ms_per_step"}, "ms_per_batch": r["ms_per_step"]}
+            for r in summary]
+
+
 def time_naive(naive, mode, args, seed):
     hs = histories(args.naive_requests + 1, args.history_len, naive.model.num_items, seed)
     rng = np.random.default_rng(seed)
@@ -245,6 +278,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print_row(row)
     print(f"# prefix cache: {engine.prefix.hits} hits, {engine.prefix.misses} misses")
+    if args.profile:
+        rows += profile_recommend(engine, args)
     for mode in modes:
         sp = [r["speedup"] for r in rows if r["mode"] == mode and r.get("speedup")]
         if sp:

@@ -85,6 +85,17 @@ def _sigmoid(s, SILU: tl.constexpr):
 
 
 @triton.jit
+def _silu_pre(x, SILU: tl.constexpr):
+    """SiLU(s) from x = s (SILU == 0) or x = s / 2 (SILU >= 1, the forward folds the 1/2 into
+    alpha and the bias adds, so the tanh form costs one MUFU op and one FMA per element)."""
+    if SILU == 0:
+        a = tl.fdiv(x, 1.0 + tl.exp(-x))
+    else:
+        a = x + x * _tanh(x, SILU)
+    return a
+
+
+@triton.jit
 def _silu(s, SILU: tl.constexpr):
     """s * sigmoid(s); with SILU >= 1 as h + h tanh(h), h = s / 2 (one MUFU op, two FP32 ops)."""
     if SILU == 0:
@@ -110,6 +121,12 @@ def _fwd_range(
     """acc += sum over key blocks in [lo, hi) of SiLU(alpha q k^T + rab) (masked) @ v."""
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
+    if SILU == 0:
+        scale = alpha
+        bias_scale = 1.0
+    else:
+        scale = 0.5 * alpha
+        bias_scale = 0.5
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)  # [BN] key rows
         k_ptrs = K + offs_n[:, None] * (H * DQK) + offs_dqk[None, :]
@@ -126,21 +143,22 @@ def _fwd_range(
         else:
             k = tl.load(k_ptrs, mask=(offs_n < hi)[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
             v = tl.load(v_ptrs, mask=(offs_n < hi)[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * alpha  # [BM, BN] f32
+        # x = s, or s / 2 for the tanh form (see _silu_pre): scale and bias_scale fold the 1/2 in
+        x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BM, BN] f32
         if HAS_POS:
             if HAS_TARGETS:
                 pos_n = tl.minimum(offs_n, hist)
             else:
                 pos_n = offs_n
             rel = tl.minimum(tl.maximum(pos_m[:, None] - pos_n[None, :], 0), num_pos - 1)
-            s += tl.load(POS_BIAS + rel)
+            x += bias_scale * tl.load(POS_BIAS + rel)
         if HAS_TIME:
             if MASK == 0:
                 ts_n = tl.load(TS + offs_n)
             else:
                 ts_n = tl.load(TS + offs_n, mask=offs_n < hi, other=0)
-            s += tl.load(TIME_BIAS + _time_bucket(qts_m[:, None] - ts_n[None, :], num_buckets))
-        a = _silu(s, SILU)  # [BM, BN]
+            x += bias_scale * tl.load(TIME_BIAS + _time_bucket(qts_m[:, None] - ts_n[None, :], num_buckets))
+        a = _silu_pre(x, SILU)  # [BM, BN]
         if MASK == 1:
             a = tl.where((offs_n < hi)[None, :], a, 0.0)
         if MASK == 2:
