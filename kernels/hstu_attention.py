@@ -770,7 +770,7 @@ class _Static:
     num_pos: int
     num_buckets: int
     precision: str
-    silu: int  # _silu_mode
+    silu: tuple  # (forward, backward) _silu_mode
     dq_atomic: bool
     configs: tuple  # ((kernel kind, frozen config), ...) pinned by the caller
     mode: str
@@ -789,10 +789,10 @@ class _Static:
     def kernel(self, which: str):
         return autotuned(which, max(self.dqk, self.dv), self.has_pos or self.has_time)
 
-    def meta(self) -> dict:
+    def meta(self, which: str) -> dict:
         return dict(H=self.heads, DQK=self.dqk, NORM_COUNT=self.norm_count, HAS_TARGETS=self.has_targets,
                     HAS_POS=self.has_pos, HAS_TIME=self.has_time, PADDED=self.padded, PRECISION=self.precision,
-                    SILU=self.silu,
+                    SILU=self.silu[0 if which == "fwd" else 1],
                     BLOCK_DQK=_block(self.dqk), BLOCK_DV=_block(self.dv))
 
 
@@ -805,7 +805,7 @@ def _forward(st: _Static, q, k, v, pos_bias, time_bias, starts, lens, targets, t
         kernel=st.kernel("fwd"),
         out_shape=[jax.ShapeDtypeStruct((t, st.heads, st.dv), q.dtype)],
         grid=lambda meta: (b * st.heads, triton.cdiv(st.max_seq_len, meta["BLOCK_M"])),
-        name="hstu_attention_fwd", config=st.config("fwd"), mode=st.mode, DV=st.dv, **st.meta(),
+        name="hstu_attention_fwd", config=st.config("fwd"), mode=st.mode, DV=st.dv, **st.meta("fwd"),
     )
     return out
 
@@ -828,7 +828,7 @@ def _backward(st: _Static, q, k, v, pos_bias, time_bias, starts, lens, targets, 
         grid=lambda meta: (b * st.heads, triton.cdiv(st.max_seq_len, meta["BLOCK_N"])),
         name="hstu_attention_bwd", zeroed_outputs=(0, 3, 4), config=st.config("bwd"), mode=st.mode,
         DV_DIM=st.dv, BLOCK_NB=max(16, triton.next_power_of_2(st.num_buckets)), ATOMIC_DQ=st.dq_atomic,
-        **st.meta(),
+        **st.meta("bwd"),
     )
     if st.dq_atomic:
         return dq.astype(q.dtype), dk, dv, dpos, dtime
@@ -838,7 +838,7 @@ def _backward(st: _Static, q, k, v, pos_bias, time_bias, starts, lens, targets, 
         kernel=st.kernel("dq"),
         out_shape=[jax.ShapeDtypeStruct((t, st.heads, st.dqk), q.dtype)],
         grid=lambda meta: (b * st.heads, triton.cdiv(st.max_seq_len, meta["BLOCK_M"])),
-        name="hstu_attention_bwd_dq", config=st.config("dq"), mode=st.mode, DV=st.dv, **st.meta(),
+        name="hstu_attention_bwd_dq", config=st.config("dq"), mode=st.mode, DV=st.dv, **st.meta("dq"),
     )
     return dq, dk, dv, dpos, dtime
 
@@ -862,15 +862,22 @@ def _hstu_core_bwd(st, res, dout):
 _hstu_core.defvjp(_hstu_core_fwd, _hstu_core_bwd)
 
 
-def _silu_mode(dtype, mode: str, sigmoid: str = "auto") -> int:
-    """SiLU/sigmoid evaluation in the kernels (``sigmoid=``): "exact" is 1 / (1 + exp(-s));
-    "tanh" is 0.5 + 0.5 tanh(s / 2) with the one-instruction ``tanh.approx.f32`` on the GPU
-    (one MUFU op per pair instead of two; relative error ~2^-11, below the bf16 rounding of
-    A) and the same formula through exp in the CPU interpreter, which cannot run inline PTX.
-    "auto": exact for fp32 inputs (their tests ask for 1e-5), tanh for 16-bit inputs."""
+def _silu_mode(dtype, mode: str, sigmoid: str = "auto", kind: str = "fwd", has_bias: bool = False) -> int:
+    """SiLU/sigmoid evaluation in kernel ``kind`` ("fwd", "cached": forward passes; "bwd", "dq":
+    backward) (``sigmoid=``): "exact" is 1 / (1 + exp(-s)); "tanh" is 0.5 + 0.5 tanh(s / 2)
+    with the one-instruction ``tanh.approx.f32`` on the GPU (one MUFU op per pair instead of
+    two; relative error ~2^-11, below the bf16 rounding of A) and the same formula through exp
+    in the CPU interpreter, which cannot run inline PTX. "auto": exact for fp32 inputs (their
+    tests ask for 1e-5); for 16-bit inputs tanh, except in the forward passes with a relative
+    bias, where the exact form measured faster on an H100 (B=64, N=512, H=8, D=64, pos+time:
+    0.467 vs 0.675 ms autotuned; without the bias tanh wins, 0.091 vs 0.104 ms, and 1.06 vs
+    1.19 ms at N=4096, D=128; the backward with the bias is faster with tanh, 1.02 vs 1.07 ms;
+    ``bench/results/h100-2026-11-23c``)."""
     if sigmoid not in ("auto", "exact", "tanh"):
         raise ValueError(f"sigmoid must be 'auto', 'exact' or 'tanh', got {sigmoid!r}")
     if sigmoid == "exact" or (sigmoid == "auto" and jnp.dtype(dtype) == jnp.float32):
+        return 0
+    if sigmoid == "auto" and has_bias and kind in ("fwd", "cached"):
         return 0
     return 1 if mode == "interpret" else 2
 
@@ -926,7 +933,8 @@ def hstu_attention_triton(
     ``dq_mode``: "atomic" (dQ added with f32 atomics by the key-major backward kernel) or
     "separate" (a query-major kernel recomputes S; deterministic, no atomics); ``sigmoid``:
     "exact", "tanh" (one ``tanh.approx`` instruction per pair on the GPU) or "auto" (tanh for
-    16-bit inputs, exact for float32; see ``_silu_mode``); ``fwd_config``/``bwd_config``/``dq_config`` pin {"BLOCK_M", "BLOCK_N", "num_warps",
+    16-bit inputs except the forward with a bias, exact for float32; see ``_silu_mode``);
+    ``fwd_config``/``bwd_config``/``dq_config`` pin {"BLOCK_M", "BLOCK_N", "num_warps",
     "num_stages"} instead of autotuning; ``launch_mode`` (see ``genrec_jax.kernels.launch``).
     """
     b, n, h, dqk = q.shape
@@ -940,7 +948,9 @@ def hstu_attention_triton(
         heads=h, dqk=dqk, dv=dv, alpha=alpha, inv_max_len=1.0 / float(max_len), norm_count=norm == "causal_count",
         has_targets=num_targets is not None, has_pos=pos_bias is not None, has_time=has_time, padded=True,
         pad_rows=n, max_seq_len=n, num_pos=int(pb.shape[0]), num_buckets=int(tb.shape[0]),
-        precision=_precision(q.dtype, precision), silu=_silu_mode(q.dtype, mode, sigmoid),
+        precision=_precision(q.dtype, precision),
+        silu=tuple(_silu_mode(q.dtype, mode, sigmoid, kind, pos_bias is not None or has_time)
+                   for kind in ("fwd", "bwd")),
         dq_atomic=_dq_atomic(dq_mode),
         configs=_pinned(fwd=fwd_config, bwd=bwd_config, dq=dq_config), mode=mode,
     )
@@ -995,7 +1005,9 @@ def hstu_attention_jagged_triton(
         heads=h, dqk=dqk, dv=dv, alpha=alpha, inv_max_len=1.0 / float(max_len), norm_count=norm == "causal_count",
         has_targets=num_targets is not None, has_pos=pos_bias is not None, has_time=has_time, padded=False,
         pad_rows=0, max_seq_len=int(max_seq_len), num_pos=int(pb.shape[0]), num_buckets=int(tb.shape[0]),
-        precision=_precision(q.dtype, precision), silu=_silu_mode(q.dtype, mode, sigmoid),
+        precision=_precision(q.dtype, precision),
+        silu=tuple(_silu_mode(q.dtype, mode, sigmoid, kind, pos_bias is not None or has_time)
+                   for kind in ("fwd", "bwd")),
         dq_atomic=_dq_atomic(dq_mode),
         configs=_pinned(fwd=fwd_config, bwd=bwd_config, dq=dq_config), mode=mode,
     )
@@ -1052,7 +1064,8 @@ def hstu_attention_cached_triton(
     hist = jnp.zeros((b,), jnp.int32) if hist_lengths is None else hist_lengths.astype(jnp.int32)
     meta = dict(H=h, DQK=dqk, DV=dv, NORM_COUNT=norm == "causal_count", HAS_HIST=hist_lengths is not None,
                 HAS_POS=pos_bias is not None, HAS_TIME=has_time, PRECISION=_precision(q.dtype, precision),
-                SILU=_silu_mode(q.dtype, mode, sigmoid), BLOCK_DQK=_block(dqk), BLOCK_DV=_block(dv))
+                SILU=_silu_mode(q.dtype, mode, sigmoid, "cached", pos_bias is not None or has_time),
+                BLOCK_DQK=_block(dqk), BLOCK_DV=_block(dv))
     (out,) = launch.triton_call(
         q, k_cache, v_cache, q_positions.astype(jnp.int32), kv_lengths.astype(jnp.int32), hist, pb, tb, kts, qts,
         alpha, 1.0 / float(max_len), int(pb.shape[0]), int(tb.shape[0]), m, c,

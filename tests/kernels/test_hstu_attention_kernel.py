@@ -220,6 +220,11 @@ def test_sigmoid_mode_selection():
     assert _silu_mode("bfloat16", "jax_triton") == 2 and _silu_mode("float16", "torch") == 2
     assert _silu_mode("bfloat16", "interpret") == 1
     assert _silu_mode("bfloat16", "jax_triton", "exact") == 0 and _silu_mode("float32", "jax_triton", "tanh") == 2
+    # with a relative bias the forward passes keep the exact form (measured faster), the backward not
+    assert _silu_mode("bfloat16", "jax_triton", "auto", "fwd", True) == 0
+    assert _silu_mode("bfloat16", "jax_triton", "auto", "cached", True) == 0
+    assert _silu_mode("bfloat16", "jax_triton", "auto", "bwd", True) == 2
+    assert _silu_mode("bfloat16", "jax_triton", "tanh", "fwd", True) == 2
     with pytest.raises(ValueError, match="sigmoid"):
         _silu_mode("bfloat16", "jax_triton", "fast")
 
