@@ -244,6 +244,10 @@ class ServeConfig:
     # 504s; 128 -> 3.2 s; 64 -> 0.96 s; 32 -> 0.27-0.58 s; no 504s at 64 or 32). Keep it at
     # least the largest batch bucket so full batches can form; raise both together on a GPU.
     queue_size: int = 64
+    # Past what one event loop can parse, requests wait unread in socket buffers, where no
+    # queue bound sees them. The server samples its event loop's lag every few ms and, while
+    # it exceeds this, refuses model requests with 503 before parsing them (0: never).
+    max_loop_lag_ms: float = 100.0
     timeout_ms: float = 1000.0
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     prefix_cache_users: int = 10000
@@ -374,6 +378,7 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     _check(sorted(s.seq_buckets) == list(s.seq_buckets) and all(b > 0 for b in s.seq_buckets),
            "serve.seq_buckets", "must be positive and increasing", source)
     _check(s.queue_size > 0, "serve.queue_size", "must be > 0", source)
+    _check(s.max_loop_lag_ms >= 0, "serve.max_loop_lag_ms", "must be >= 0 (0 turns lag shedding off)", source)
     _check(sorted(s.extend_buckets) == list(s.extend_buckets) and all(b > 0 for b in s.extend_buckets),
            "serve.extend_buckets", "must be positive and increasing", source)
     for key, val in [("serve.max_k", s.max_k), ("serve.beam_width", s.beam_width),

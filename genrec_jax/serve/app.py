@@ -92,6 +92,25 @@ class Service:
         if self.batcher is not None:
             self.batcher.stop()
 
+    # The event loop's lag: how late a timer that asks to wake every LAG_INTERVAL_S wakes.
+    # When the loop cannot keep up with the requests arriving, every callback waits behind
+    # the others and the lag grows with the backlog in the socket buffers.
+    LAG_INTERVAL_S = 0.005
+    loop_lag_s: float = 0.0
+
+    async def watch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(self.LAG_INTERVAL_S)
+            self.loop_lag_s = max(0.0, loop.time() - t - self.LAG_INTERVAL_S)
+            self.metrics.loop_lag.set(self.loop_lag_s)
+
+    def overloaded(self) -> bool:
+        """The event loop lags more than ``serve.max_loop_lag_ms`` (shed new model requests)."""
+        limit = self.cfg.max_loop_lag_ms
+        return limit > 0 and self.loop_lag_s * 1e3 > limit
+
     @property
     def ready(self) -> bool:
         return self.engine is not None and self.batcher is not None and not self.batcher.stopped
@@ -123,7 +142,9 @@ def create_app(cfg: ServeConfig, engine: Engine | Callable[[], Engine], *,
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         threading.Thread(target=svc.start, name="genrec-engine-start", daemon=True).start()
+        watcher = asyncio.get_running_loop().create_task(svc.watch_loop())
         yield
+        watcher.cancel()
         svc.stop()
 
     app = FastAPI(title="genrec-jax recommendation service", version="1", lifespan=lifespan,
@@ -284,8 +305,10 @@ class ServeMiddleware:
     * refuses a body over ``limit`` bytes with 413, whether announced by Content-Length or
       streamed (chunked), and a declared media type other than JSON with 415 -- before the
       app parses anything;
-    * sheds load early: while the batcher's queue is full, a model request is refused with
-      503 before its body is even parsed (parsing is what an overloaded CPU can least afford);
+    * sheds load early: while the batcher's queue is full, or the event loop lags more than
+      ``serve.max_loop_lag_ms`` (requests are piling up unread in the socket buffers), a model
+      request is refused with 503 before its body is even parsed (parsing is what an
+      overloaded CPU can least afford);
     * records each request's latency and status in the metrics (endpoint = method + path,
       "other" for unknown paths, so label cardinality stays bounded).
     """
@@ -293,8 +316,10 @@ class ServeMiddleware:
     KNOWN = frozenset({"/v1/recommend", "/v1/rank", "/v1/items", "/healthz", "/readyz", "/metrics"})
     QUEUED = frozenset({"/v1/recommend", "/v1/rank"})
 
-    def __init__(self, app, limit: int, metrics: ServeMetrics, queue_full: Callable[[], bool] = lambda: False):
+    def __init__(self, app, limit: int, metrics: ServeMetrics, queue_full: Callable[[], bool] = lambda: False,
+                 overloaded: Callable[[], bool] = lambda: False):
         self.app, self.limit, self.metrics, self.queue_full = app, limit, metrics, queue_full
+        self.overloaded = overloaded
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -323,8 +348,12 @@ class ServeMiddleware:
             self.metrics.requests.labels(endpoint, str(status[0])).inc()
 
     def _refusal(self, scope) -> ServeError | None:
-        if scope["path"] in self.QUEUED and self.queue_full():
-            return _Refused(503, "queue_full", "request queue full; retry later", None)
+        if scope["path"] in self.QUEUED:
+            if self.queue_full():
+                return _Refused(503, "queue_full", "request queue full; retry later", None)
+            if self.overloaded():
+                return _Refused(503, "overloaded", "server overloaded (requests arrive faster than it can read "
+                                "them); retry later", None)
         headers = dict(scope.get("headers", ()))
         length = headers.get(b"content-length", b"").decode("latin-1")
         if length.isdigit() and int(length) > self.limit:
@@ -371,4 +400,5 @@ def _install_middleware(app: FastAPI, svc: Service, max_body: int) -> None:
         b = svc.batcher
         return b is not None and b.depth >= b.queue_size
 
-    app.add_middleware(ServeMiddleware, limit=max_body, metrics=svc.metrics, queue_full=queue_full)
+    app.add_middleware(ServeMiddleware, limit=max_body, metrics=svc.metrics, queue_full=queue_full,
+                       overloaded=svc.overloaded)

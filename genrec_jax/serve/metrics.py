@@ -32,6 +32,9 @@ class ServeMetrics:
         self.queue_wait = Histogram("genrec_queue_wait_seconds", "Time the oldest request of a batch waited",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("genrec_queue_depth", "Requests waiting in the batcher queue", registry=r)
+        self.loop_lag = Gauge("genrec_event_loop_lag_seconds",
+                              "How late the HTTP event loop runs a 5 ms timer (load shedding above "
+                              "serve.max_loop_lag_ms)", registry=r)
 
     def on_batch(self, size: int, waited_s: float) -> None:
         self.batch_size.observe(size)

@@ -26,6 +26,9 @@ SERVE_OVERRIDES = [
     "serve.max_wait_ms=2",
     "serve.max_body_bytes=20000",
     "serve.cold_start_capacity=4",
+    # no load shedding on event-loop lag: a busy test machine would refuse requests at
+    # random (test_app.py tests the shedding with its own setting)
+    "serve.max_loop_lag_ms=0",
 ]
 # XLA's quick CPU compile: halves the engines' start-up here; results are the same math.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}

@@ -207,3 +207,53 @@ def test_failed_load_is_reported(serve_cfg):
                 break
             time.sleep(0.01)
         assert r.status_code == 503 and "no checkpoint" in r.json()["error"]
+
+
+def test_event_loop_lag_is_measured_and_sheds(serve_cfg):
+    """A loop held by 120 ms of blocking work shows >= 100 ms of lag; above
+    serve.max_loop_lag_ms the service reports overload; 0 turns shedding off."""
+    import asyncio
+
+    from genrec_jax.serve.app import Service
+    from genrec_jax.serve.metrics import ServeMetrics
+
+    svc = Service(dataclasses.replace(serve_cfg, max_loop_lag_ms=25.0), lambda: None, ServeMetrics())
+
+    async def scenario():
+        watcher = asyncio.get_running_loop().create_task(svc.watch_loop())
+        await asyncio.sleep(0.03)
+        calm = svc.loop_lag_s
+        time.sleep(0.12)  # the loop is stuck: the watcher wakes ~120 ms late
+        await asyncio.sleep(0.001)
+        await asyncio.sleep(0.001)
+        held = svc.loop_lag_s
+        watcher.cancel()
+        return calm, held
+
+    calm, held = asyncio.run(scenario())
+    assert calm < 0.025 and held >= 0.1, (calm, held)
+    assert svc.overloaded()
+    assert not Service(dataclasses.replace(serve_cfg, max_loop_lag_ms=0.0), lambda: None, ServeMetrics()).overloaded()
+    svc.loop_lag_s = 0.01
+    assert not svc.overloaded()
+
+
+def test_overloaded_loop_refuses_model_requests_before_parsing(engine, serve_cfg, monkeypatch):
+    from genrec_jax.serve import app as app_module
+
+    async def no_watch(self):  # keep the lag where the test puts it
+        return None
+
+    monkeypatch.setattr(app_module.Service, "watch_loop", no_watch)
+    app = create_app(dataclasses.replace(serve_cfg, max_loop_lag_ms=50.0), engine)
+    with TestClient(app) as c:
+        wait_ready(c)
+        svc = app.state.service
+        svc.loop_lag_s = 1.0
+        r = c.post("/v1/recommend", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "overloaded" and r.headers.get("retry-after")
+        assert c.get("/healthz").status_code == 200  # only model requests are shed
+        metrics = c.get("/metrics").text
+        assert 'genrec_errors_total{error_class="overloaded"} 1.0' in metrics
+        svc.loop_lag_s = 0.0
+        assert c.post("/v1/recommend", json={"history": H, "k": 3}).status_code == 200
