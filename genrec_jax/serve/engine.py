@@ -88,6 +88,10 @@ class _Row:
     user_id: str | None  # set when the slot belongs to this user (commit on success)
 
 
+_NO_EXCLUDE = np.zeros(0, np.int32)  # shared by requests that exclude nothing (read-only)
+_NO_EXCLUDE.flags.writeable = False
+
+
 def rank_buckets(micro_batch: int, max_candidates: int) -> list[int]:
     """Candidate micro-batch widths: micro_batch / 16, / 4 and itself (the smaller ones
     only when >= 8 candidates wide: below that a narrower call saves nothing)."""
@@ -311,9 +315,12 @@ class Engine:
         elif not 1 <= k <= self.top_k:
             raise RequestError("k", f"must be in [1, {self.top_k}]")
         h = self._history(history, context)
-        ex = [self.catalog.internal(x, f"exclude_items[{i}]") for i, x in enumerate(exclude_items)]
-        exclude = np.unique(np.concatenate([np.asarray(ex, np.int32), h.items if exclude_history else
-                                            np.zeros(0, np.int32)]).astype(np.int32))
+        if not exclude_items and not exclude_history:
+            exclude = _NO_EXCLUDE
+        else:
+            ex = self.catalog.internals(exclude_items, "exclude_items")
+            exclude = np.unique(np.concatenate([ex, h.items if exclude_history else
+                                                np.zeros(0, np.int32)]).astype(np.int32))
         if len(exclude) > self.exclude_width:
             raise RequestError("exclude_items", f"{len(exclude)} distinct items to exclude (exclude_items plus the "
                                                 f"history when exclude_history); at most {self.exclude_width}")
@@ -328,7 +335,7 @@ class Engine:
         if n > self.cfg.max_candidates:
             raise RequestError("candidates", f"{n} items; at most {self.cfg.max_candidates}")
         h = self._history(history, context)
-        cand = np.asarray([self.catalog.internal(x, f"candidates[{i}]") for i, x in enumerate(candidates)], np.int32)
+        cand = self.catalog.internals(candidates, "candidates")
         return RankJob(h, cand, user_id)
 
     def _require_head(self, head: str) -> None:

@@ -85,6 +85,45 @@ class Catalog:
             raise RequestError(field, f"unknown item {key!r} (GET /v1/items lists the catalogue)")
         return idx
 
+    def internals(self, item_ids: Sequence[Any], field: str) -> np.ndarray:
+        """Internal ids (int32) of a list of external ids; errors name ``field[i]``."""
+        index = self._index
+        out = []
+        for i, key in enumerate(item_ids):
+            if type(key) is not str:
+                key = _item_key(key, f"{field}[{i}]")
+            idx = index.get(key)
+            if idx is None:
+                raise RequestError(f"{field}[{i}]", f"unknown item {key!r} (GET /v1/items lists the catalogue)")
+            out.append(idx)
+        return np.asarray(out, np.int32)
+
+    def parse_events(self, events: Sequence[Mapping[str, Any]], field: str) -> tuple[list, list, list]:
+        """Internal item ids, action ids and raw timestamps of a request's events: the
+        per-request hot loop, so it names the field only when something is wrong."""
+        index, actions = self._index, self._action_index  # one snapshot (add() swaps whole dicts)
+        default = self.default_action
+        items_out, actions_out, stamps = [], [], []
+        for i, ev in enumerate(events):
+            key = ev.get("item_id")
+            if type(key) is not str:  # integers (and wrong types) take the checked path
+                key = _item_key(key, f"{field}[{i}].item_id")
+            idx = index.get(key)
+            if idx is None:
+                raise RequestError(f"{field}[{i}].item_id",
+                                   f"unknown item {key!r} (GET /v1/items lists the catalogue)")
+            items_out.append(idx)
+            name = ev.get("action")
+            if name is None:
+                actions_out.append(default)
+            else:
+                a = actions.get(name) if isinstance(name, str) else None
+                if a is None:
+                    raise RequestError(f"{field}[{i}].action", f"unknown action {name!r}; one of {list(self.action_names)}")
+                actions_out.append(a)
+            stamps.append(ev.get("timestamp"))
+        return items_out, actions_out, stamps
+
     def external(self, idx: int) -> str:
         return self._external[idx]
 
@@ -139,13 +178,9 @@ def parse_history(events: Sequence[Mapping[str, Any]], catalog: Catalog, *, max_
         raise RequestError(field, "must hold at least one event")
     if n > max_history_len:
         raise RequestError(field, f"{n} events; at most {max_history_len} per request")
-    items = np.empty(n, np.int32)
-    actions = np.empty(n, np.int32)
-    stamps = []
-    for i, ev in enumerate(events):
-        items[i] = catalog.internal(ev.get("item_id"), f"{field}[{i}].item_id")
-        actions[i] = catalog.action(ev.get("action"), f"{field}[{i}].action")
-        stamps.append(ev.get("timestamp"))
+    item_list, action_list, stamps = catalog.parse_events(events, field)
+    items = np.asarray(item_list, np.int32)
+    actions = np.asarray(action_list, np.int32)
     have = [s is not None for s in stamps]
     if any(have) and not all(have):
         first_missing = have.index(False)
