@@ -30,6 +30,17 @@ from genrec_jax.kernels import launch
 
 
 @triton.jit
+def _copy_dense(DENSE, out_row, row, row_ok, DD: tl.constexpr, BLOCK_DD: tl.constexpr):
+    """out_row[:DD] = dense[row] (cast to the output dtype)."""
+    offs_c = tl.arange(0, BLOCK_DD)
+    for c0 in range(0, DD, BLOCK_DD):
+        cc = c0 + offs_c
+        m = row_ok & (cc < DD)
+        val = tl.load(DENSE + row.to(tl.int64) * DD + cc, mask=m, other=0.0)  # [BDD]
+        tl.store(out_row + cc, val.to(out_row.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _interaction_fwd_kernel(
     X,  # [B, F, D]
     DENSE,  # [B, DD] (unused unless HAS_DENSE)
@@ -62,12 +73,7 @@ def _interaction_fwd_kernel(
             g = tl.dot(x, tl.trans(x), input_precision=PRECISION)  # [BF, BF]
             tl.store(out_row + col, g.to(OUT.dtype.element_ty), mask=row_ok & upper)
             if HAS_DENSE:
-                offs_c = tl.arange(0, BLOCK_DD)
-                for c0 in range(0, DD, BLOCK_DD):
-                    cc = c0 + offs_c
-                    m = row_ok & (cc < DD)
-                    val = tl.load(DENSE + row.to(tl.int64) * DD + cc, mask=m, other=0.0)  # [BDD]
-                    tl.store(out_row + cc, val.to(OUT.dtype.element_ty), mask=m)
+                _copy_dense(DENSE, out_row, row, row_ok, DD, BLOCK_DD)
     else:
         for r in tl.static_range(BLOCK_B):
             row = tl.program_id(0) * BLOCK_B + r
@@ -85,12 +91,7 @@ def _interaction_fwd_kernel(
             tl.store(out_row + col, g.to(OUT.dtype.element_ty), mask=row_ok & upper)
             if HAS_DENSE:
                 if tl.program_id(1) == 0:
-                    offs_c = tl.arange(0, BLOCK_DD)
-                    for c0 in range(0, DD, BLOCK_DD):
-                        cc = c0 + offs_c
-                        m = row_ok & (cc < DD)
-                        val = tl.load(DENSE + row.to(tl.int64) * DD + cc, mask=m, other=0.0)  # [BDD]
-                        tl.store(out_row + cc, val.to(OUT.dtype.element_ty), mask=m)
+                    _copy_dense(DENSE, out_row, row, row_ok, DD, BLOCK_DD)
 
 
 @triton.jit
