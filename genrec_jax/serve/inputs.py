@@ -82,7 +82,7 @@ class Catalog:
         key = _item_key(item_id, field)
         idx = self._index.get(key)
         if idx is None:
-            raise RequestError(field, f"unknown item {key!r} (GET /v1/items lists the catalogue)")
+            raise _unknown_item(field, key)
         return idx
 
     def internals(self, item_ids: Sequence[Any], field: str) -> np.ndarray:
@@ -94,7 +94,7 @@ class Catalog:
                 key = _item_key(key, f"{field}[{i}]")
             idx = index.get(key)
             if idx is None:
-                raise RequestError(f"{field}[{i}]", f"unknown item {key!r} (GET /v1/items lists the catalogue)")
+                raise _unknown_item(f"{field}[{i}]", key)
             out.append(idx)
         return np.asarray(out, np.int32)
 
@@ -110,8 +110,7 @@ class Catalog:
                 key = _item_key(key, f"{field}[{i}].item_id")
             idx = index.get(key)
             if idx is None:
-                raise RequestError(f"{field}[{i}].item_id",
-                                   f"unknown item {key!r} (GET /v1/items lists the catalogue)")
+                raise _unknown_item(f"{field}[{i}].item_id", key)
             items_out.append(idx)
             name = ev.get("action")
             if name is None:
@@ -119,7 +118,7 @@ class Catalog:
             else:
                 a = actions.get(name) if isinstance(name, str) else None
                 if a is None:
-                    raise RequestError(f"{field}[{i}].action", f"unknown action {name!r}; one of {list(self.action_names)}")
+                    raise self._unknown_action(f"{field}[{i}].action", name)
                 actions_out.append(a)
             stamps.append(ev.get("timestamp"))
         return items_out, actions_out, stamps
@@ -136,8 +135,11 @@ class Catalog:
             return self.default_action
         idx = self._action_index.get(name) if isinstance(name, str) else None
         if idx is None:
-            raise RequestError(field, f"unknown action {name!r}; one of {list(self.action_names)}")
+            raise self._unknown_action(field, name)
         return idx
+
+    def _unknown_action(self, field: str, name: Any) -> RequestError:
+        return RequestError(field, f"unknown action {name!r}; one of {list(self.action_names)}")
 
     def add(self, item_ids: Sequence[str]) -> list[int]:
         """Register new external ids (cold start); returns their internal ids."""
@@ -156,6 +158,10 @@ class Catalog:
         ext = self._external
         lo = 1 + offset
         return [(i, ext[i]) for i in range(lo, min(lo + limit, len(ext)))]
+
+
+def _unknown_item(field: str, key: str) -> RequestError:
+    return RequestError(field, f"unknown item {key!r} (GET /v1/items lists the catalogue)")
 
 
 def _item_key(item_id: Any, field: str) -> str:
