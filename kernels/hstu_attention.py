@@ -97,12 +97,11 @@ def _silu_pre(x, SILU: tl.constexpr):
 
 @triton.jit
 def _silu(s, SILU: tl.constexpr):
-    """s * sigmoid(s); with SILU >= 1 as h + h tanh(h), h = s / 2 (one MUFU op, two FP32 ops)."""
+    """s * sigmoid(s) (see :func:`_silu_pre`, which takes s / 2 when SILU >= 1)."""
     if SILU == 0:
-        a = tl.fdiv(s, 1.0 + tl.exp(-s))  # approximate division: div.full.f32
+        a = _silu_pre(s, SILU)
     else:
-        h = 0.5 * s
-        a = h + h * _tanh(h, SILU)
+        a = _silu_pre(0.5 * s, SILU)
     return a
 
 
