@@ -70,9 +70,12 @@ class MoEConfig:
     num_experts: int = 8
     top_k: int = 2
     expert_dim: int = 256
-    # "dropless": grouped matmul (jax.lax.ragged_dot); "dense": every expert on every
-    # token, masked by the gates (the fallback; same outputs on the same routing).
-    routing: Literal["dropless", "dense"] = "dropless"
+    # All dropless and equal on the same routing (see model/moe.py): "blocked" (expert
+    # groups padded to blocks of `block_size` rows, one batched matmul), "dropless"
+    # (jax.lax.ragged_dot, which XLA expands to E x the FLOPs), "dense" (every expert on
+    # every token).
+    routing: Literal["blocked", "dropless", "dense"] = "blocked"
+    block_size: int = 512
     balance_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
 
@@ -322,6 +325,7 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
             f"must be in [1, num_experts={m.moe.num_experts}], got {m.moe.top_k}",
             source,
         )
+        _check(m.moe.block_size >= 1, "model.moe.block_size", "must be >= 1", source)
     ms = m.multiscale
     if ms.enabled:
         _check(ms.short_len >= 1, "model.multiscale.short_len", "must be >= 1", source)

@@ -5,11 +5,18 @@
     g_e    = p_e / Σ_{e' in S} p_e'   (e in S)      gates, summing to 1 over the chosen
     y      = Σ_{e in S} g_e · W2_e · GELU(W1_e · x)
 
-Two executions of the same routing:
-* ``dropless``: token copies sorted by expert and pushed through a grouped matmul
-  (``jax.lax.ragged_dot``): every token reaches its experts, no capacity, no padding;
-* ``dense``: every expert on every token, combined with the (mostly zero) gates. Slower,
-  but works on any JAX version; both give the same output (tested).
+Three executions of the same routing, all dropless (every token reaches its k experts,
+no capacity) and equal on the same routing (tested):
+* ``blocked``: token copies sorted by expert, each expert's group padded to a multiple of
+  a block of M rows, and the blocks pushed through one batched matmul against their
+  expert's weights (selected per block by a one-hot product, so the weight gradient is a
+  matmul too). Work: the real top-k FLOPs plus at most E·(M-1) padding rows, plus the
+  per-block weight copies. The default.
+* ``dropless``: the same sorted copies through ``jax.lax.ragged_dot``. XLA lowers it on
+  CPU -- and, by default, on GPU -- by masking every row against every expert's weights,
+  i.e. E times the real FLOPs (``bench/moe.py`` measures the three).
+* ``dense``: every expert on every token, combined with the (mostly zero) gates; works on
+  any JAX version.
 
 Auxiliary losses: Switch-style load balance E · Σ_e f_e · P_e (f_e: share of routed token
 copies, P_e: mean router probability) and the router z-loss mean(logsumexp(logits)²).
@@ -25,6 +32,14 @@ from genrec_jax.config import MoEConfig
 from genrec_jax.model.layers import dropout, param
 
 HAS_RAGGED_DOT = hasattr(jax.lax, "ragged_dot")
+_ROUTINGS = {"blocked": "_experts_blocked", "dropless": "_experts_dropless", "dense": "_experts_dense"}
+
+
+def block_rows(copies: int, num_experts: int, cap: int) -> int:
+    """Rows per block of the ``blocked`` routing: the power of two nearest above the mean
+    rows per expert, at least 8 (small batches pad little) and at most ``cap``."""
+    mean = max(1, -(-copies // num_experts))
+    return int(max(1, min(cap, max(8, 1 << (mean - 1).bit_length()))))
 
 
 class MoEFFN(nnx.Module):
@@ -33,7 +48,7 @@ class MoEFFN(nnx.Module):
         self.cfg, self.dtype = cfg, dtype
         self.routing = routing or cfg.routing
         if self.routing == "dropless" and not HAS_RAGGED_DOT:
-            self.routing = "dense"
+            self.routing = "blocked"
         e, f = cfg.num_experts, cfg.expert_dim
         self.router = param(rngs, nnx.initializers.normal(0.02), (embed_dim, e), ("embed", None))
         self.w1 = param(rngs, nnx.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=(0,)),
@@ -75,6 +90,35 @@ class MoEFFN(nnx.Module):
         inverse = jnp.argsort(order)  # copy -> its row in the sorted order
         return y.at[inverse].get(unique_indices=True).reshape(t, k, -1).sum(axis=1)
 
+    def _experts_blocked(self, x, top_e, gates):
+        t, k = top_e.shape
+        e, d = self.cfg.num_experts, x.shape[-1]
+        n = t * k
+        m = block_rows(n, e, self.cfg.block_size)
+        tiles = -(-(n + e * (m - 1)) // m)  # static bound on the padded blocks
+        flat_e = top_e.reshape(-1)  # [n], copy c of token c // k
+        order = jnp.argsort(flat_e, stable=True)  # sorted copy -> copy
+        sizes = jnp.bincount(flat_e, length=e)
+        padded = (sizes + m - 1) // m * m
+        pend = jnp.cumsum(padded)
+        se = flat_e[order]
+        # padded row of each sorted copy: its expert's padded start + its rank within the expert
+        row_sorted = (pend - padded)[se] + jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[se]
+        row = jnp.zeros(n, jnp.int32).at[order].set(row_sorted.astype(jnp.int32), unique_indices=True)
+        src = jnp.full(tiles * m, n, jnp.int32).at[row].set(jnp.arange(n, dtype=jnp.int32), unique_indices=True)
+        # Padding rows point past the end and read zeros; every real row is read once, so
+        # the gradient is a permuted write, and the k copies of a token sum by a reshape.
+        xp = jnp.repeat(x, k, axis=0).at[src].get(mode="fill", fill_value=0).reshape(tiles, m, d)
+        block_e = jnp.minimum(jnp.searchsorted(pend, jnp.arange(tiles) * m, side="right"), e - 1)
+        oh = jax.nn.one_hot(block_e, e, dtype=self.dtype)  # [tiles, E]
+        w1 = jnp.einsum("te,edf->tdf", oh, self.w1[...].astype(self.dtype))
+        w2 = jnp.einsum("te,efd->tfd", oh, self.w2[...].astype(self.dtype))
+        h = jnp.einsum("tmd,tdf->tmf", xp, w1) + (oh @ self.b1[...].astype(self.dtype))[:, None, :]
+        y = jnp.einsum("tmf,tfd->tmd", jax.nn.gelu(h), w2) + (oh @ self.b2[...].astype(self.dtype))[:, None, :]
+        y = y.reshape(tiles * m, d).at[row].get(unique_indices=True)  # [n, D] in copy order
+        y = y * gates.reshape(-1).astype(y.dtype)[:, None]
+        return y.reshape(t, k, d).sum(axis=1)
+
     def __call__(self, x: jax.Array, valid: jax.Array | None = None, key: jax.Array | None = None,
                  routing: str | None = None):
         """x [..., D] -> (y [..., D], aux). ``valid`` marks real tokens (padding is excluded
@@ -83,7 +127,11 @@ class MoEFFN(nnx.Module):
         xt = x.reshape(-1, shape[-1]).astype(self.dtype)
         logits, probs, top_e, gates = self.route(xt)
         mode = routing or self.routing
-        y = self._experts_dropless(xt, top_e, gates) if mode == "dropless" else self._experts_dense(xt, top_e, gates)
+        if mode not in _ROUTINGS:
+            raise ValueError(f"moe.routing: unknown routing {mode!r}; expected one of {sorted(_ROUTINGS)}")
+        if mode == "dropless" and not HAS_RAGGED_DOT:
+            raise ValueError("moe.routing: 'dropless' needs jax.lax.ragged_dot, which this JAX lacks; use 'blocked'")
+        y = getattr(self, _ROUTINGS[mode])(xt, top_e, gates)
         m = jnp.ones(xt.shape[0], jnp.float32) if valid is None else valid.reshape(-1).astype(jnp.float32)
         denom = jnp.maximum(jnp.sum(m), 1.0)
         e = self.cfg.num_experts

@@ -1,17 +1,23 @@
-"""MoE routing invariants: gates, dropless == dense, gradients reach chosen experts only."""
+"""MoE routing invariants: gates, blocked == dropless == dense, gradients reach chosen experts only."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from genrec_jax.config import MoEConfig
-from genrec_jax.model.moe import HAS_RAGGED_DOT, MoEFFN
+from genrec_jax.model.moe import HAS_RAGGED_DOT, MoEFFN, block_rows
 
 
-def make(e=4, k=2, d=8, f=16, seed=0):
-    return MoEFFN(d, MoEConfig(num_experts=e, top_k=k, expert_dim=f), rngs=nnx.Rngs(seed))
+def make(e=4, k=2, d=8, f=16, seed=0, block_size=512):
+    moe = MoEFFN(d, MoEConfig(num_experts=e, top_k=k, expert_dim=f, block_size=block_size), rngs=nnx.Rngs(seed))
+    # non-zero biases, so a padding row or a wrong expert's bias would show
+    moe.b1[...] = jax.random.normal(jax.random.key(seed + 100), moe.b1[...].shape)
+    moe.b2[...] = jax.random.normal(jax.random.key(seed + 101), moe.b2[...].shape)
+    return moe
 
 
 def test_gates_are_a_distribution_over_the_chosen_experts():
@@ -39,7 +45,54 @@ def test_dropless_equals_dense_on_the_same_routing(k):
         np.testing.assert_allclose(float(aux1[key]), float(aux2[key]), rtol=1e-6)
 
 
-@pytest.mark.parametrize("routing", ["dense"] + (["dropless"] if HAS_RAGGED_DOT else []))
+@settings(max_examples=8, deadline=None)
+@given(t=st.integers(1, 40), e=st.integers(1, 6), k_frac=st.floats(0, 1), block=st.sampled_from([1, 2, 3, 8, 512]),
+       seed=st.integers(0, 2**16))
+def test_blocked_equals_dense_in_value_and_gradient(t, e, k_frac, block, seed):
+    """Every token count, expert count, k and block size (empty experts and one-row blocks
+    included): the blocked routing gives the dense routing's output and gradients (float32)."""
+    k = 1 + int(k_frac * (e - 1))
+    moe = make(e=e, k=k, seed=seed % 7, block_size=block)
+    x = jax.random.normal(jax.random.key(seed), (t, 8))
+    gd, params = nnx.split(moe, nnx.Param)
+
+    def loss(p, x, routing):
+        y, _ = nnx.merge(gd, p)(x, routing=routing)
+        return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size), y
+
+    (_, yb), gb = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, "blocked")
+    (_, yd), gdn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, "dense")
+    assert np.all(np.isfinite(np.asarray(yb)))
+    np.testing.assert_allclose(np.asarray(yb), np.asarray(yd), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(gb), jax.tree.leaves(gdn)):
+        assert np.all(np.isfinite(np.asarray(a)))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_RAGGED_DOT, reason="this JAX has no jax.lax.ragged_dot")
+def test_blocked_equals_dropless_on_a_skewed_routing():
+    """Most tokens on one expert (a padded block per expert, one much longer group)."""
+    moe = make(e=4, k=2, block_size=4)
+    moe.router[...] = moe.router[...].at[:, 0].add(3.0)
+    x = jax.random.normal(jax.random.key(9), (2, 11, 8))
+    a, _ = moe(x, routing="blocked")
+    b, _ = moe(x, routing="dropless")
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("copies,experts,cap,want", [(65536, 8, 512, 512), (64, 8, 512, 8), (100, 4, 512, 32),
+                                                      (1, 1, 512, 8), (10**6, 8, 256, 256), (40, 4, 4, 4)])
+def test_block_rows(copies, experts, cap, want):
+    assert block_rows(copies, experts, cap) == want
+
+
+def test_unknown_routing_names_the_key():
+    moe = make()
+    with pytest.raises(ValueError, match="moe.routing"):
+        moe(jnp.ones((2, 8)), routing="capacity")
+
+
+@pytest.mark.parametrize("routing", ["blocked", "dense"] + (["dropless"] if HAS_RAGGED_DOT else []))
 def test_gradient_flows_to_selected_experts_only(routing):
     moe = make(e=5, k=1)
     x = jax.random.normal(jax.random.key(2), (6, 8))
