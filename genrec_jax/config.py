@@ -267,6 +267,10 @@ class ServeConfig:
     max_exclude: int = 1024  # distinct excluded items per request (exclude_items + history)
     prefix_cache_mb: float = 1024.0  # device memory of the per-user K/V cache (also <= prefix_cache_users)
     cold_start_capacity: int = 1024  # items POST /v1/items may add (the item table is padded to fit them)
+    # Retrieval requests without a user_id run encode + top-k as one compiled step that
+    # writes nothing to the K/V pool (nothing to cache without a user); false: through the
+    # pool like every other request (same results; one more dispatch and the K/V writes).
+    direct_recommend: bool = True
 
 
 @dataclasses.dataclass

@@ -232,6 +232,8 @@ class Engine:
         keys += [("extend", b, m) for b in self.batch_buckets for m in self.extend_buckets]
         if "retrieval" in self.heads:
             keys += [("retrieve", b) for b in self.batch_buckets]
+            if self.cfg.direct_recommend:
+                keys += [("recommend", b, s) for b in self.batch_buckets for s in self.seq_buckets]
         if "rank" in self.heads:
             keys += [("rank", b, m) for b in self.batch_buckets for m in self.rank_buckets]
         return keys
@@ -266,6 +268,12 @@ class Engine:
             new = {k: i32(b, m) for k in ("items", "actions", "timestamps", "query_timestamps")}
             new.update(lengths=i32(b), prev_timestamp=i32(b))
             return self._fn.wrap(steps.extend_step), (w, pool, new, i32(b), i32(b, c), i32(b)), (1,)
+        if name == "recommend":
+            s = key[2]
+            batch = {k: i32(b, s) for k in ("items", "actions", "timestamps", "query_timestamps")}
+            batch["lengths"] = i32(b)
+            fn = self._fn.wrap(steps.recommend_step, k=self.top_k)
+            return fn, (w, self.item_table, np.int32(0), batch, i32(b, self.exclude_width)), ()
         if name == "retrieve":
             fn = self._fn.wrap(steps.retrieve_step, k=self.top_k)
             return fn, (w, self.item_table, np.int32(0), pool.user, i32(b), i32(b, self.exclude_width)), ()
@@ -288,13 +296,17 @@ class Engine:
         """One tiny request through every path (first executions allocate buffers)."""
         h = History.from_arrays(np.ones(1, np.int32))
         jobs: list[Job] = []
+        warm_user = "\x00warm-up"  # through the pool path too (anonymous rows skip it)
         if "retrieval" in self.heads:
-            jobs.append(RecommendJob(h, 1))
+            jobs += [RecommendJob(h, 1), RecommendJob(h, 1, user_id=warm_user)]
         if "rank" in self.heads:
             jobs.append(RankJob(h, np.ones(1, np.int32)))
         if self._gen is not None:
             jobs.append(RecommendJob(h, 1, mode="generative"))
+        counts = (self.prefix.hits, self.prefix.misses, self.prefix.evictions)
         self.process(jobs, _warm=True)
+        self.prefix.discard(warm_user)
+        self.prefix.hits, self.prefix.misses, self.prefix.evictions = counts
 
     # ----------------------------------------------------------------- building jobs
 
@@ -390,10 +402,12 @@ class Engine:
 
     def _process(self, jobs: Sequence[Job]) -> list:
         rows = self._assign_slots(jobs)
+        results: list = [None] * len(jobs)
+        direct, rows = self._split_direct(jobs, rows)
         try:
+            pending = self._direct(jobs, direct)
             self._encode(rows)
-            results: list = [None] * len(jobs)
-            self._heads(jobs, rows, results)
+            self._heads(jobs, rows, results, pending)
         except BaseException:
             self._recover(rows)
             raise
@@ -401,6 +415,40 @@ class Engine:
             if r.user_id is not None:
                 self.prefix.commit(r.user_id, r.slot, r.window)
         return results
+
+    def _split_direct(self, jobs: Sequence[Job], rows: list[_Row]) -> tuple[list[_Row], list[_Row]]:
+        """(anonymous retrieval rows, the rest): the first go through ``recommend`` alone."""
+        if not (self.cfg.direct_recommend and "retrieval" in self.heads):
+            return [], rows
+        direct, rest = [], []
+        for r in rows:
+            job = jobs[r.job]
+            anon = job.user_id is None and isinstance(job, RecommendJob) and job.mode == "retrieval"
+            (direct if anon else rest).append(r)
+        return direct, rest
+
+    def _direct(self, jobs: Sequence[Job], rows: list[_Row]) -> list:
+        """Dispatch encode + top-k for anonymous retrieval rows; outputs fetched in _heads."""
+        pending = []
+        groups: dict[int, list[_Row]] = {}
+        for r in rows:
+            groups.setdefault(pick_bucket(len(r.window), self.seq_buckets), []).append(r)
+        for s, group in sorted(groups.items()):
+            for lo, hi, b in chunks(len(group), self.batch_buckets):
+                part = group[lo:hi]
+                batch = pad_batch([r.window for r in part], b, s, self.max_len)
+                self._observe("recommend", len(part), b)
+                out = self._call(("recommend", b, s), self.weights, self.item_table, np.int32(self.live_items),
+                                 batch, self._exclude(jobs, part, b))
+                pending.append(("retrieval", part, out))
+        return pending
+
+    def _exclude(self, jobs: Sequence[Job], part: list[_Row], b: int) -> np.ndarray:
+        exclude = np.zeros((b, self.exclude_width), np.int32)
+        for i, r in enumerate(part):
+            ex = jobs[r.job].exclude
+            exclude[i, :len(ex)] = ex
+        return exclude
 
     def _assign_slots(self, jobs: Sequence[Job]) -> list[_Row]:
         rows, seen = [], set()
@@ -462,8 +510,8 @@ class Engine:
                 self._pool = self._call(("extend", b, m), self.weights, self._pool, new, start,
                                         k_ts, slots)
 
-    def _heads(self, jobs: Sequence[Job], rows: list[_Row], results: list) -> None:
-        pending = []  # (kind, rows, device outputs): fetched after every step is dispatched
+    def _heads(self, jobs: Sequence[Job], rows: list[_Row], results: list, pending: list) -> None:
+        # pending: (kind, rows, device outputs), fetched after every step is dispatched
         by_kind: dict[str, list[_Row]] = {"retrieval": [], "generative": [], "rank": []}
         for r in rows:
             job = jobs[r.job]
@@ -478,10 +526,7 @@ class Engine:
             for lo, hi, b in chunks(len(group), self.batch_buckets):
                 part = group[lo:hi]
                 slots = _pad_slots([r.slot for r in part], b)
-                exclude = np.zeros((b, self.exclude_width), np.int32)
-                for i, r in enumerate(part):
-                    ex = jobs[r.job].exclude
-                    exclude[i, :len(ex)] = ex
+                exclude = self._exclude(jobs, part, b)
                 self._observe(kind, len(part), b)
                 if kind == "retrieval":
                     out = self._call(("retrieve", b), self.weights, self.item_table, np.int32(self.live_items),
@@ -493,11 +538,15 @@ class Engine:
         if by_kind["rank"]:
             self._rank(jobs, by_kind["rank"], results)
         for kind, part, (ids, scores) in pending:
-            ids, scores = np.asarray(ids), np.asarray(scores)
+            ids, scores = np.asarray(ids), np.asarray(scores, np.float32)
+            finite = np.isfinite(scores)
             for i, r in enumerate(part):
                 k = jobs[r.job].k
-                keep = np.isfinite(scores[i, :k])
-                results[r.job] = Recommendation(ids[i, :k][keep], scores[i, :k][keep].astype(np.float32))
+                if finite[i, :k].all():  # the usual case: no copy through a mask
+                    results[r.job] = Recommendation(ids[i, :k], scores[i, :k])
+                else:
+                    keep = finite[i, :k]
+                    results[r.job] = Recommendation(ids[i, :k][keep], scores[i, :k][keep])
 
     def _rank(self, jobs: Sequence[Job], group: list[_Row], results: list) -> None:
         top = self.rank_buckets[-1]

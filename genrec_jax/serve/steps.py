@@ -6,6 +6,8 @@ Every request's history goes through the device-resident slot pool:
     extend   [B, M]  returning users: only the M new tokens, against the K/V already in
                      their slots (incremental prefill; exact, see prefix_cache.py)
     retrieve [B]     top-k of the retrieval head over the item table, exclusions applied
+    recommend [B, S] anonymous requests: encode + retrieve in one step, nothing written to
+                     the pool (no user to cache under; saves the K/V writes and a dispatch)
     generate [B]     trie-constrained beam search of the semantic-ID decoder
     rank     [B, M]  M-FALCON: M candidates per row attend to the row's cached history
                      and to themselves only; multi-task probabilities + retrieval logits
@@ -120,7 +122,19 @@ def retrieve_step(model, item_table: jax.Array, num_items: jax.Array, user: jax.
     the model scores by cosine), so a request does not renormalise the catalogue; its
     rows past ``num_items`` (room for cold-start items) are never recommended.
     """
-    u = model.user_vectors(user[slots])
+    return _top_items(model, item_table, num_items, user[slots], exclude, k)
+
+
+def recommend_step(model, item_table: jax.Array, num_items: jax.Array, batch: dict, exclude: jax.Array, *, k: int):
+    """``prefill_step`` + ``retrieve_step`` for rows that nobody will extend: the windows
+    [B, S] are encoded and their last states scored at once, and the pool is not touched."""
+    states, _ = model.encode(batch)
+    user = model.last_states(states, batch["lengths"]).astype(jnp.float32)
+    return _top_items(model, item_table, num_items, user, exclude, k)
+
+
+def _top_items(model, item_table, num_items, user, exclude, k):
+    u = model.user_vectors(user)
     scores = model.score_items(u, item_table)
     scores = jnp.where(jnp.arange(scores.shape[1])[None, :] > num_items, NEG_INF, scores)
     scores = exclude_mask(scores, exclude)

@@ -53,6 +53,29 @@ def test_recommend_batch_matches_model(engine, rng):
     np.testing.assert_array_equal(ids, ref_ids)
 
 
+def test_anonymous_direct_step_equals_the_pool_path(engine, rng):
+    """Anonymous retrieval rows skip the K/V pool (one encode + top-k step); rows with a
+    user id go through prefill + retrieve. Same windows, same answers -- in one mixed batch."""
+    assert engine.cfg.direct_recommend
+    hs = histories(5, rng)
+    ex = [np.unique(h.items)[:2] for h in hs]
+    anon = [RecommendJob(h, 10, exclude=e) for h, e in zip(hs, ex)]
+    named = [RecommendJob(h, 10, exclude=e, user_id=f"direct-vs-pool-{i}") for i, (h, e) in enumerate(zip(hs, ex))]
+    calls = []
+    engine.on_call, old = (lambda step, rows, bucket: calls.append(step)), engine.on_call
+    try:
+        out = engine.process(anon + named)
+    finally:
+        engine.on_call = old
+        for j in named:
+            engine.prefix.discard(j.user_id)
+    assert "recommend" in calls and "prefill" in calls and "retrieval" in calls, calls
+    for a, b in zip(out[:5], out[5:]):
+        np.testing.assert_array_equal(a.items, b.items)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+        assert np.all(np.isfinite(a.scores))
+
+
 def test_exclusions_applied_in_step(engine, rng):
     hs = histories(3, rng)
     ex = [np.unique(h.items) for h in hs]
