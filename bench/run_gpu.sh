@@ -38,6 +38,8 @@ if [[ ,$STEPS, == *,kernels,* ]]; then
     --json "$OUT/kernels.json" --plot "$OUT/kernels.png"
 fi
 if [[ ,$STEPS, == *,train,* ]]; then
+  step moe "${STEP_LIMIT_MOE:-150}" python3 bench/moe.py --tokens 8192,32768 --block-sizes 256,512,1024 \
+    --json "$OUT/moe.json" --plot "$OUT/moe.png"
   step train_throughput "${STEP_LIMIT_TRAIN:-150}" env GENREC_TRITON_AUTOTUNE=0 python3 bench/train_throughput.py --attention xla,triton \
     --steps 20 --json "$OUT/train_throughput.json"
 fi
