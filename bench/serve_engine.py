@@ -205,6 +205,14 @@ def profile_recommend(engine, args) -> list[dict]:
     batches = [[RecommendJob(h, args.k, "retrieval") for h in histories(b, args.history_len, engine.num_items, 90 + i)]
                for i in range(n + 1)]
     engine.process(batches[0])  # warm
+    engine.host_spans = {}  # host phases of the same batches, without the profiler
+    for jobs in batches[1:]:
+        engine.process(jobs)
+    spans, engine.host_spans = engine.host_spans, None
+    per = {k: 1e3 * v / spans["batches"] for k, v in spans.items() if k != "batches"}
+    per["prepare"] = per["total"] - sum(per.get(k, 0.0) for k in ("dispatch", "wait", "fetch", "results"))
+    print(f"host phases of recommend, batch {b} (ms per batch; 'wait' = until the device is done): "
+          + ", ".join(f"{k} {per.get(k, 0.0):.2f}" for k in ("prepare", "dispatch", "wait", "fetch", "results", "total")))
     jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
     t0 = time.perf_counter()
     for jobs in batches[1:]:
@@ -216,9 +224,10 @@ def profile_recommend(engine, args) -> list[dict]:
     device_ms = sum(r["ms_per_step"] for r in summary if r["kind"] == "class")
     print(f"recommend batch {b}: wall {wall_ms:.2f} ms, device {device_ms:.2f} ms per batch "
           f"({100 * device_ms / wall_ms:.0f}% of the wall time on the device)")
-    return [{"engine": "profile", "mode": "recommend", "batch": b, "wall_ms": wall_ms, "device_ms": device_ms,
-             **{k: v for k, v in r.items() if k != "ms_per_step"}, "ms_per_batch": r["ms_per_step"]}
-            for r in summary]
+    host = {"engine": "host phases", "mode": "recommend", "batch": b, **{f"{k}_ms": v for k, v in per.items()}}
+    return [host] + [{"engine": "profile", "mode": "recommend", "batch": b, "wall_ms": wall_ms, "device_ms": device_ms,
+                      **{k: v for k, v in r.items() if k != "ms_per_step"}, "ms_per_batch": r["ms_per_step"]}
+                     for r in summary]
 
 
 def time_naive(naive, mode, args, seed):

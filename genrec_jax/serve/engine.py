@@ -191,6 +191,11 @@ class Engine:
         self.compiles = 0
         self.compile_seconds = 0.0
         self.on_call: Callable[[str, int, int], None] | None = None  # (step, rows, bucket) -> None
+        # Host time per phase (seconds, summed over batches) while a dict: "dispatch" (the
+        # executable calls, inputs to the device), "wait" (until the outputs are ready),
+        # "fetch" (their copies to the host), "results" (building the answers), "total".
+        self.host_spans: dict[str, float] | None = None
+        self._no_exclude: dict[int, jax.Array] = {}  # [B, max_exclude] zeros on the device
         if warmup:
             self.warmup()
 
@@ -395,10 +400,20 @@ class Engine:
         if not (self.ready or _warm):
             raise NotReady("the engine is still compiling")
         out: list = []
+        t0 = time.perf_counter()
         with self._lock:
             for i in range(0, len(jobs), self.max_batch):
                 out.extend(self._process(jobs[i:i + self.max_batch]))
+        if self.host_spans is not None:
+            self._span("total", t0)
+            self.host_spans["batches"] = self.host_spans.get("batches", 0) + 1
         return out
+
+    def _span(self, name: str, t0: float) -> float:
+        t = time.perf_counter()
+        if self.host_spans is not None:
+            self.host_spans[name] = self.host_spans.get(name, 0.0) + t - t0
+        return t
 
     def _process(self, jobs: Sequence[Job]) -> list:
         rows = self._assign_slots(jobs)
@@ -443,7 +458,11 @@ class Engine:
                 pending.append(("retrieval", part, out))
         return pending
 
-    def _exclude(self, jobs: Sequence[Job], part: list[_Row], b: int) -> np.ndarray:
+    def _exclude(self, jobs: Sequence[Job], part: list[_Row], b: int) -> np.ndarray | jax.Array:
+        if all(len(jobs[r.job].exclude) == 0 for r in part):  # the usual case: nothing to send
+            if b not in self._no_exclude:
+                self._no_exclude[b] = jax.device_put(np.zeros((b, self.exclude_width), np.int32), self.sharding)
+            return self._no_exclude[b]
         exclude = np.zeros((b, self.exclude_width), np.int32)
         for i, r in enumerate(part):
             ex = jobs[r.job].exclude
@@ -484,7 +503,10 @@ class Engine:
         exe = self._exec.get(key)
         if exe is None:  # never compile on the request path
             raise RuntimeError(f"no compiled executable for {key}; buckets: batch {self.batch_buckets}")
-        return exe(*args)
+        t0 = time.perf_counter()
+        out = exe(*args)
+        self._span("dispatch", t0)
+        return out
 
     def _encode(self, rows: list[_Row]) -> None:
         cold: dict[int, list[_Row]] = {}
@@ -538,7 +560,12 @@ class Engine:
         if by_kind["rank"]:
             self._rank(jobs, by_kind["rank"], results)
         for kind, part, (ids, scores) in pending:
+            t0 = time.perf_counter()
+            if self.host_spans is not None:
+                jax.block_until_ready((ids, scores))
+                t0 = self._span("wait", t0)
             ids, scores = np.asarray(ids), np.asarray(scores, np.float32)
+            t0 = self._span("fetch", t0)
             finite = np.isfinite(scores)
             for i, r in enumerate(part):
                 k = jobs[r.job].k
@@ -547,6 +574,7 @@ class Engine:
                 else:
                     keep = finite[i, :k]
                     results[r.job] = Recommendation(ids[i, :k][keep], scores[i, :k][keep])
+            self._span("results", t0)
 
     def _rank(self, jobs: Sequence[Job], group: list[_Row], results: list) -> None:
         top = self.rank_buckets[-1]

@@ -166,3 +166,17 @@ def test_compiled_once_no_compile_on_requests(engine, rng):
             engine.process([RecommendJob(histories(1, rng)[0], 1)])
     finally:
         engine.ready = True
+
+
+def test_host_spans_account_for_the_batch(engine, rng):
+    """Opt-in host timing: every phase recorded, the phases fit inside the total."""
+    engine.host_spans = {}
+    try:
+        engine.process([RecommendJob(h, 5) for h in histories(3, rng)])
+        spans = dict(engine.host_spans)
+    finally:
+        engine.host_spans = None
+    assert spans["batches"] == 1
+    parts = [spans[k] for k in ("dispatch", "wait", "fetch", "results")]
+    assert all(p >= 0 for p in parts) and spans["total"] > 0
+    assert sum(parts) <= spans["total"] + 1e-6
