@@ -97,7 +97,8 @@ def _modules(model: nnx.Module):
 
 def prepare_model(model: nnx.Module, dtype: str = "float32") -> nnx.Module:
     """An export copy of the model: pure-JAX attention (``backend="xla"``: there is no Triton
-    in ONNX), the MoE's dense routing (same outputs as ``ragged_dot``, which ONNX lacks), and
+    in ONNX), the MoE's dense routing (same outputs as the sorted routings, whose shapes
+depend on the batch size, which the exported graphs leave dynamic), and
     with ``dtype="float16"`` the model's reduced-precision mode at fp16 (float16 parameters
     and compute dtype; the model keeps its own fp32 islands: norm statistics, attention
     accumulation, logits). A model trained in bfloat16 exports with fp32 (or fp16) compute."""
@@ -105,7 +106,7 @@ def prepare_model(model: nnx.Module, dtype: str = "float32") -> nnx.Module:
     for mod in _modules(m):
         if hasattr(mod, "backend"):
             mod.backend = "xla"
-        if hasattr(mod, "routing") and getattr(mod, "routing") == "dropless":
+        if hasattr(mod, "routing") and getattr(mod, "routing") in ("dropless", "blocked"):
             mod.routing = "dense"
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")

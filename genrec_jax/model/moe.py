@@ -92,6 +92,8 @@ class MoEFFN(nnx.Module):
 
     def _experts_blocked(self, x, top_e, gates):
         t, k = top_e.shape
+        if not isinstance(t, int):  # symbolic batch (shape-polymorphic export): no static block count
+            return self._experts_dense(x, top_e, gates)
         e, d = self.cfg.num_experts, x.shape[-1]
         n = t * k
         m = block_rows(n, e, self.cfg.block_size)
