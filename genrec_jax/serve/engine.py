@@ -35,7 +35,7 @@ from genrec_jax.model.recommender import l2_normalize
 from genrec_jax.serve import steps
 from genrec_jax.serve.errors import Conflict, NotReady, RequestError
 from genrec_jax.serve.generative import SemanticSide
-from genrec_jax.serve.inputs import Catalog, History, chunks, pack_batch, pad_batch, parse_history, pick_bucket
+from genrec_jax.serve.inputs import Catalog, History, chunks, pad_batch, parse_history, pick_bucket
 from genrec_jax.serve.prefix_cache import PrefixCache
 
 log = logging.getLogger("genrec_jax.serve")
@@ -196,7 +196,6 @@ class Engine:
         # "fetch" (their copies to the host), "results" (building the answers), "total".
         self.host_spans: dict[str, float] | None = None
         self._no_exclude: dict[int, jax.Array] = {}  # [B, max_exclude] zeros on the device
-        self._live_dev: tuple[int, jax.Array] | None = None
         if warmup:
             self.warmup()
 
@@ -276,8 +275,10 @@ class Engine:
             return self._fn.wrap(steps.extend_step), (w, pool, new, i32(b), i32(b, c), i32(b)), (1,)
         if name == "recommend":
             s = key[2]
-            fn = self._fn.wrap(steps.recommend_step, k=self.top_k, seq_len=s)
-            return fn, (w, self.item_table, np.int32(0), i32(b, 4 * s + 1), i32(b, self.exclude_width)), ()
+            batch = {k: i32(b, s) for k in ("items", "actions", "timestamps", "query_timestamps")}
+            batch["lengths"] = i32(b)
+            fn = self._fn.wrap(steps.recommend_step, k=self.top_k)
+            return fn, (w, self.item_table, np.int32(0), batch, i32(b, self.exclude_width)), ()
         if name == "retrieve":
             fn = self._fn.wrap(steps.retrieve_step, k=self.top_k)
             return fn, (w, self.item_table, np.int32(0), pool.user, i32(b), i32(b, self.exclude_width)), ()
@@ -450,18 +451,12 @@ class Engine:
         for s, group in sorted(groups.items()):
             for lo, hi, b in chunks(len(group), self.batch_buckets):
                 part = group[lo:hi]
-                packed = pack_batch([r.window for r in part], b, s, self.max_len)
+                batch = pad_batch([r.window for r in part], b, s, self.max_len)
                 self._observe("recommend", len(part), b)
-                out = self._call(("recommend", b, s), self.weights, self.item_table, self._live_items(),
-                                 packed, self._exclude(jobs, part, b))
+                out = self._call(("recommend", b, s), self.weights, self.item_table, np.int32(self.live_items),
+                                 batch, self._exclude(jobs, part, b))
                 pending.append(("retrieval", part, out))
         return pending
-
-    def _live_items(self) -> jax.Array:
-        """The item count as a device scalar, sent once per change, not once per call."""
-        if self._live_dev is None or self._live_dev[0] != self.live_items:
-            self._live_dev = (self.live_items, jax.device_put(np.int32(self.live_items), self.sharding))
-        return self._live_dev[1]
 
     def _exclude(self, jobs: Sequence[Job], part: list[_Row], b: int) -> np.ndarray | jax.Array:
         if all(len(jobs[r.job].exclude) == 0 for r in part):  # the usual case: nothing to send
@@ -556,7 +551,7 @@ class Engine:
                 exclude = self._exclude(jobs, part, b)
                 self._observe(kind, len(part), b)
                 if kind == "retrieval":
-                    out = self._call(("retrieve", b), self.weights, self.item_table, self._live_items(),
+                    out = self._call(("retrieve", b), self.weights, self.item_table, np.int32(self.live_items),
                                      self._pool.user, slots, exclude)
                 else:
                     lengths = _pad_slots([len(r.window) for r in part], b)

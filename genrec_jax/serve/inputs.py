@@ -208,27 +208,18 @@ def parse_history(events: Sequence[Mapping[str, Any]], catalog: Catalog, *, max_
     return History(items, actions, ts, req)
 
 
-FIELDS = ("items", "actions", "timestamps", "query_timestamps")
-
-
 def pad_batch(histories: Sequence[History | None], batch_size: int, seq_len: int,
               max_len: int) -> dict[str, np.ndarray]:
     """Padded encoder inputs for ``histories`` (None = an empty filler row).
 
     Returns int32 arrays ``items, actions, timestamps, query_timestamps`` [batch_size,
     seq_len] and ``lengths`` [batch_size]; each row holds the most recent
-    ``min(max_len, seq_len)`` events, left-aligned. (Views of ``pack_batch``'s array.)
+    ``min(max_len, seq_len)`` events, left-aligned.
     """
-    return unpack_batch(pack_batch(histories, batch_size, seq_len, max_len), seq_len)
-
-
-def pack_batch(histories: Sequence[History | None], batch_size: int, seq_len: int, max_len: int) -> np.ndarray:
-    """``pad_batch`` as one int32 array [batch_size, 4 * seq_len + 1] (the four fields side
-    by side, then the length): one host-to-device copy instead of five."""
     if len(histories) > batch_size:
         raise ValueError(f"{len(histories)} histories do not fit a batch of {batch_size}")
-    s = seq_len
-    out = np.zeros((batch_size, 4 * s + 1), np.int32)
+    out = {k: np.zeros((batch_size, seq_len), np.int32) for k in ("items", "actions", "timestamps", "query_timestamps")}
+    lengths = np.zeros(batch_size, np.int32)
     for r, h in enumerate(histories):
         if h is None or len(h) == 0:
             continue
@@ -236,21 +227,13 @@ def pack_batch(histories: Sequence[History | None], batch_size: int, seq_len: in
         n = len(w)
         origin = int(w.timestamps[0])
         rel = (w.timestamps - origin).astype(np.int32)
-        row = out[r]
-        row[:n] = w.items
-        row[s:s + n] = w.actions
-        row[2 * s:2 * s + n] = rel
-        row[3 * s:3 * s + n - 1] = rel[1:]
-        row[3 * s + n - 1] = w.request_ts - origin
-        row[4 * s] = n
-    return out
-
-
-def unpack_batch(packed, seq_len: int) -> dict:
-    """The ``pad_batch`` dict from a packed array (numpy or jax: slices only)."""
-    s = seq_len
-    out = {k: packed[:, i * s:(i + 1) * s] for i, k in enumerate(FIELDS)}
-    out["lengths"] = packed[:, 4 * s]
+        out["items"][r, :n] = w.items
+        out["actions"][r, :n] = w.actions
+        out["timestamps"][r, :n] = rel
+        out["query_timestamps"][r, :n - 1] = rel[1:]
+        out["query_timestamps"][r, n - 1] = w.request_ts - origin
+        lengths[r] = n
+    out["lengths"] = lengths
     return out
 
 

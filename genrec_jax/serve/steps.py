@@ -28,7 +28,6 @@ from flax import nnx
 
 from genrec_jax.data.types import TOKEN_ITEM
 from genrec_jax.model.hstu import LayerCache
-from genrec_jax.serve.inputs import unpack_batch
 
 NEG_INF = float("-inf")
 
@@ -126,12 +125,9 @@ def retrieve_step(model, item_table: jax.Array, num_items: jax.Array, user: jax.
     return _top_items(model, item_table, num_items, user[slots], exclude, k)
 
 
-def recommend_step(model, item_table: jax.Array, num_items: jax.Array, packed: jax.Array, exclude: jax.Array, *,
-                   k: int, seq_len: int):
+def recommend_step(model, item_table: jax.Array, num_items: jax.Array, batch: dict, exclude: jax.Array, *, k: int):
     """``prefill_step`` + ``retrieve_step`` for rows that nobody will extend: the windows
-    (``inputs.pack_batch`` [B, 4 S + 1]) are encoded and their last states scored at once,
-    and the pool is not touched."""
-    batch = unpack_batch(packed, seq_len)
+    [B, S] are encoded and their last states scored at once, and the pool is not touched."""
     states, _ = model.encode(batch)
     user = model.last_states(states, batch["lengths"]).astype(jnp.float32)
     return _top_items(model, item_table, num_items, user, exclude, k)
