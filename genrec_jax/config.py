@@ -251,6 +251,11 @@ class ServeConfig:
     # queue bound sees them. The server samples its event loop's lag every few ms and, while
     # it exceeds this, refuses model requests with 503 before parsing them (0: never).
     max_loop_lag_ms: float = 100.0
+    # Model requests (recommend, rank) admitted and not yet answered; more are refused with
+    # 503 ("busy") in the app before their body is read, keeping the connection open.
+    # uvicorn's own limit (serve.py --limit-concurrency) refuses by closing connections, and
+    # those refusals were slow under overload (README, Known limits). 0: no cap.
+    max_inflight: int = 0
     timeout_ms: float = 1000.0
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     prefix_cache_users: int = 10000

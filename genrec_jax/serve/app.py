@@ -318,9 +318,11 @@ class ServeMiddleware:
     QUEUED = frozenset({"/v1/recommend", "/v1/rank"})
 
     def __init__(self, app, limit: int, metrics: ServeMetrics, queue_full: Callable[[], bool] = lambda: False,
-                 overloaded: Callable[[], bool] = lambda: False):
+                 overloaded: Callable[[], bool] = lambda: False, max_inflight: int = 0):
         self.app, self.limit, self.metrics, self.queue_full = app, limit, metrics, queue_full
         self.overloaded = overloaded
+        self.max_inflight = max_inflight  # model requests admitted and not yet answered (0: no cap)
+        self.inflight = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -342,6 +344,12 @@ class ServeMiddleware:
                 headers = {"Retry-After": "1"} if refusal.status == 503 else None
                 await _error(refusal.status, refusal.kind, refusal.message, refusal.field, headers)(
                     scope, receive, send_observed)
+            elif path in self.QUEUED:
+                self.inflight += 1  # one event loop: no lock needed
+                try:
+                    await self.app(scope, self._limited(receive), send_observed)
+                finally:
+                    self.inflight -= 1
             else:
                 await self.app(scope, self._limited(receive), send_observed)
         finally:
@@ -350,6 +358,9 @@ class ServeMiddleware:
 
     def _refusal(self, scope) -> ServeError | None:
         if scope["path"] in self.QUEUED:
+            if self.max_inflight and self.inflight >= self.max_inflight:
+                return _Refused(503, "busy", f"{self.inflight} requests in progress (serve.max_inflight); "
+                                "retry later", None)
             if self.queue_full():
                 return _Refused(503, "queue_full", "request queue full; retry later", None)
             if self.overloaded():
@@ -402,4 +413,4 @@ def _install_middleware(app: FastAPI, svc: Service, max_body: int) -> None:
         return b is not None and b.depth >= b.queue_size
 
     app.add_middleware(ServeMiddleware, limit=max_body, metrics=svc.metrics, queue_full=queue_full,
-                       overloaded=svc.overloaded)
+                       overloaded=svc.overloaded, max_inflight=svc.cfg.max_inflight)

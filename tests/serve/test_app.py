@@ -172,6 +172,36 @@ def test_full_queue_refuses_quickly(engine, serve_cfg, gated):
     assert len(refused) >= codes.count(503), "refusals must not wait for the busy engine"
 
 
+def test_inflight_cap_refuses_before_parsing(engine, serve_cfg, gated):
+    """serve.max_inflight: past that many unanswered model requests the app answers 503
+    ("busy") at once, without reading the body, and lets the others finish."""
+    cfg = dataclasses.replace(serve_cfg, queue_size=64, max_inflight=3, timeout_ms=20_000.0)
+    with TestClient(create_app(cfg, engine)) as c:
+        wait_ready(c)
+
+        def call(i):
+            t0 = time.perf_counter()
+            body = b"{not json" if i >= 6 else None  # refused before the parser would see it
+            if body is None:
+                r = c.post("/v1/recommend", json={"history": events([f"i{i + 1}"]), "k": 3})
+            else:
+                r = c.post("/v1/recommend", content=body, headers={"content-type": "application/json"})
+            return i, r, time.perf_counter() - t0
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            held = [pool.submit(call, i) for i in range(3)]
+            time.sleep(0.5)  # three requests now wait on the gated engine
+            late = [pool.submit(call, i) for i in range(3, 10)]
+            refused = [f.result(5) for f in late]
+            gated.set()
+            done = [f.result(30) for f in held]
+        assert c.get("/healthz").status_code == 200
+    assert [r.status_code for _, r, _ in done] == [200, 200, 200]
+    for i, r, dt in refused:
+        assert r.status_code == 503 and r.json()["error"]["type"] == "busy", (i, r.text)
+        assert r.headers.get("retry-after") and dt < 1.0, dt
+
+
 def test_deadline_exceeded_is_504(client, gated):
     t0 = time.perf_counter()
     r = client.post("/v1/recommend", json={"history": H, "timeout_ms": 100})
