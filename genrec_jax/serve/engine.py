@@ -263,22 +263,18 @@ class Engine:
         i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
         w, pool, c = self.weights, self._pool_shapes, self.capacity
         name, b = key[0], key[1]
+        windows = lambda s: {**{k: i32(b, s) for k in ("items", "actions", "timestamps", "query_timestamps")},  # noqa: E731
+                             "lengths": i32(b)}  # pad_batch's arrays
         if name == "prefill":
-            s = key[2]
-            batch = {k: i32(b, s) for k in ("items", "actions", "timestamps", "query_timestamps")}
-            batch["lengths"] = i32(b)
-            return self._fn.wrap(steps.prefill_step), (w, pool, batch, i32(b)), (1,)
+            return self._fn.wrap(steps.prefill_step), (w, pool, windows(key[2]), i32(b)), (1,)
         if name == "extend":
             m = key[2]
             new = {k: i32(b, m) for k in ("items", "actions", "timestamps", "query_timestamps")}
             new.update(lengths=i32(b), prev_timestamp=i32(b))
             return self._fn.wrap(steps.extend_step), (w, pool, new, i32(b), i32(b, c), i32(b)), (1,)
         if name == "recommend":
-            s = key[2]
-            batch = {k: i32(b, s) for k in ("items", "actions", "timestamps", "query_timestamps")}
-            batch["lengths"] = i32(b)
             fn = self._fn.wrap(steps.recommend_step, k=self.top_k)
-            return fn, (w, self.item_table, np.int32(0), batch, i32(b, self.exclude_width)), ()
+            return fn, (w, self.item_table, np.int32(0), windows(key[2]), i32(b, self.exclude_width)), ()
         if name == "retrieve":
             fn = self._fn.wrap(steps.retrieve_step, k=self.top_k)
             return fn, (w, self.item_table, np.int32(0), pool.user, i32(b), i32(b, self.exclude_width)), ()
