@@ -76,6 +76,10 @@ class MoEConfig:
     # every token).
     routing: Literal["blocked", "dropless", "dense"] = "blocked"
     block_size: int = 512
+    # blocked: recompute the per-block expert-weight copies (and the expert matmuls) in the
+    # backward pass instead of keeping them: blocks x D x F x 2 values less per layer, one
+    # more forward of the experts. For many experts over few tokens per device (xl).
+    remat_blocks: bool = False
     balance_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
 

@@ -13,7 +13,11 @@ trainer shards with). Counted per device:
 
   plus the attention scores H·N per token (the XLA reference materialises them; the Triton
   kernel does not: ``--attention triton`` drops that term); tokens per device =
-  batch x N / (data x fsdp x expert), heads split over ``tensor``.
+  batch x N / (data x fsdp x expert), heads split over ``tensor``. With the ``blocked`` MoE
+  routing, each layer also keeps its per-block copies of the expert weights: 2 x blocks x
+  D x F values, blocks = ceil((T k + E (M - 1)) / M) for T tokens per device and M rows per
+  block (``model.moe.block_rows``); with ``model.moe.remat_blocks`` only one layer's copies
+  are live at a time.
 
 FLOPs per token (forward; training = 3x forward), with n̄ = (N + 1) / 2 keys per query:
 
@@ -118,6 +122,20 @@ def activation_floats_per_token(cfg: Config, attention: str, tensor: int) -> flo
     return m.num_layers * layer
 
 
+def moe_block_floats(cfg: Config, tokens: int) -> float:
+    """Values of the ``blocked`` MoE routing's per-block expert-weight copies, all layers."""
+    m = cfg.model
+    if m.ffn != "moe" or m.moe.routing != "blocked":
+        return 0.0
+    from genrec_jax.model.moe import block_rows
+
+    e, k, copies = m.moe.num_experts, m.moe.top_k, tokens * m.moe.top_k
+    rows = block_rows(copies, e, m.moe.block_size)
+    blocks = -(-(copies + e * (rows - 1)) // rows)
+    layers = 1 if m.moe.remat_blocks else m.num_layers
+    return float(layers * 2 * blocks * m.embed_dim * m.moe.expert_dim)
+
+
 def make_plan(cfg: Config, mesh: dict[str, int], *, num_items: int, attention: str = "xla") -> Plan:
     leaves = _leaves_with_axes(abstract_params(cfg, num_items))
     total = sum(math.prod(s) for _, s, _ in leaves)
@@ -125,8 +143,8 @@ def make_plan(cfg: Config, mesh: dict[str, int], *, num_items: int, attention: s
     per_dev = sum(math.prod(s) / shard_factor(s, a, mesh) for _, s, a in leaves) * 4.0
     dp = mesh["data"] * mesh["fsdp"] * mesh["expert"]
     tokens = max(1, cfg.data.batch_size * cfg.data.max_seq_len // dp)
-    act_bytes = activation_floats_per_token(cfg, attention, mesh["tensor"]) * tokens * (
-        2 if cfg.model.dtype == "bfloat16" else 4)
+    act_bytes = (activation_floats_per_token(cfg, attention, mesh["tensor"]) * tokens
+                 + moe_block_floats(cfg, tokens)) * (2 if cfg.model.dtype == "bfloat16" else 4)
     return Plan(
         num_params=int(total), num_params_item_table=int(item_table), mesh=dict(mesh),
         bytes_params=per_dev, bytes_grads=per_dev, bytes_optimizer=2 * per_dev, bytes_activations=act_bytes,

@@ -51,3 +51,20 @@ def test_dry_run_refuses_what_does_not_fit():
     out = io.StringIO()
     assert dry_run_main(cfg, device_memory_gb=80, out=out) == 0
     assert "33.88 B" in out.getvalue()
+
+
+def test_blocked_moe_weight_copies_are_counted():
+    """blocked routing: + layers x 2 x blocks x D x F values over the same plan with the
+    dense routing (which keeps no copies); blocks by hand for 64 x 16 tokens, k=2, E=4."""
+    over = ["model.ffn=moe", "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_dim=48",
+            "model.moe.block_size=64", "data.batch_size=64"]
+    mesh = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}
+    blocked = make_plan(load_config(preset_path("tiny"), over + ["model.moe.routing=blocked"]), mesh, num_items=120)
+    dense = make_plan(load_config(preset_path("tiny"), over + ["model.moe.routing=dense"]), mesh, num_items=120)
+    assert blocked.tokens_per_device == 64 * 16
+    blocks = (64 * 16 * 2 + 4 * 63 + 63) // 64  # 2048 copies, 64-row blocks, 4 experts
+    assert blocks == 36
+    assert blocked.bytes_activations - dense.bytes_activations == 2 * 2 * blocks * 32 * 48 * 4
+    remat = make_plan(load_config(preset_path("tiny"), over + ["model.moe.routing=blocked",
+                                                               "model.moe.remat_blocks=true"]), mesh, num_items=120)
+    assert remat.bytes_activations - dense.bytes_activations == 1 * 2 * blocks * 32 * 48 * 4  # one layer live

@@ -113,10 +113,18 @@ class MoEFFN(nnx.Module):
         xp = jnp.repeat(x, k, axis=0).at[src].get(mode="fill", fill_value=0).reshape(tiles, m, d)
         block_e = jnp.minimum(jnp.searchsorted(pend, jnp.arange(tiles) * m, side="right"), e - 1)
         oh = jax.nn.one_hot(block_e, e, dtype=self.dtype)  # [tiles, E]
-        w1 = jnp.einsum("te,edf->tdf", oh, self.w1[...].astype(self.dtype))
-        w2 = jnp.einsum("te,efd->tfd", oh, self.w2[...].astype(self.dtype))
-        h = jnp.einsum("tmd,tdf->tmf", xp, w1) + (oh @ self.b1[...].astype(self.dtype))[:, None, :]
-        y = jnp.einsum("tmf,tfd->tmd", jax.nn.gelu(h), w2) + (oh @ self.b2[...].astype(self.dtype))[:, None, :]
+
+        def blocks(xp, oh, w1, b1, w2, b2):
+            w1 = jnp.einsum("te,edf->tdf", oh, w1)  # each block's expert weights
+            w2 = jnp.einsum("te,efd->tfd", oh, w2)
+            h = jnp.einsum("tmd,tdf->tmf", xp, w1) + (oh @ b1)[:, None, :]
+            return jnp.einsum("tmf,tfd->tmd", jax.nn.gelu(h), w2) + (oh @ b2)[:, None, :]
+
+        if self.cfg.remat_blocks:  # keep only the inputs for the backward pass, not the copies
+            blocks = jax.checkpoint(blocks)
+        dt = self.dtype
+        y = blocks(xp, oh, self.w1[...].astype(dt), self.b1[...].astype(dt), self.w2[...].astype(dt),
+                   self.b2[...].astype(dt))
         y = y.reshape(tiles * m, d).at[row].get(unique_indices=True)  # [n, D] in copy order
         y = y * gates.reshape(-1).astype(y.dtype)[:, None]
         return y.reshape(t, k, d).sum(axis=1)

@@ -69,6 +69,26 @@ def test_blocked_equals_dense_in_value_and_gradient(t, e, k_frac, block, seed):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+def test_remat_blocks_changes_nothing_but_memory():
+    """model.moe.remat_blocks recomputes the block weights in the backward pass: same
+    outputs and gradients (float32) as keeping them."""
+    import dataclasses
+
+    moe = make(e=4, k=2, block_size=4)
+    x = jax.random.normal(jax.random.key(11), (13, 8))
+    out = []
+    for remat in (False, True):
+        moe.cfg = dataclasses.replace(moe.cfg, remat_blocks=remat)
+        gd, params = nnx.split(moe, nnx.Param)
+        out.append(jax.value_and_grad(lambda p, x: jnp.sum(jnp.tanh(nnx.merge(gd, p)(x, routing="blocked")[0])),
+                                      argnums=(0, 1))(params, x))
+    (v0, g0), (v1, g1) = out
+    np.testing.assert_allclose(float(v0), float(v1), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        assert np.all(np.isfinite(np.asarray(a)))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(not HAS_RAGGED_DOT, reason="this JAX has no jax.lax.ragged_dot")
 def test_blocked_equals_dropless_on_a_skewed_routing():
     """Most tokens on one expert (a padded block per expert, one much longer group)."""
