@@ -16,7 +16,7 @@ trainer shards with). Counted per device:
   batch x N / (data x fsdp x expert), heads split over ``tensor``. With the ``blocked`` MoE
   routing, each layer also keeps its per-block copies of the expert weights: 2 x blocks x
   D x F values, blocks = ceil((T k + E (M - 1)) / M) for T tokens per device and M rows per
-  block (``model.moe.block_rows``); with ``model.moe.remat_blocks`` only one layer's copies
+  block (``genrec_jax.model.moe.block_rows``); with ``model.moe.remat_blocks`` only one layer's copies
   are live at a time.
 
 FLOPs per token (forward; training = 3x forward), with n̄ = (N + 1) / 2 keys per query:
@@ -129,7 +129,7 @@ def moe_block_floats(cfg: Config, tokens: int) -> float:
         return 0.0
     from genrec_jax.model.moe import block_rows
 
-    e, k, copies = m.moe.num_experts, m.moe.top_k, tokens * m.moe.top_k
+    e, copies = m.moe.num_experts, tokens * m.moe.top_k
     rows = block_rows(copies, e, m.moe.block_size)
     blocks = -(-(copies + e * (rows - 1)) // rows)
     layers = 1 if m.moe.remat_blocks else m.num_layers
