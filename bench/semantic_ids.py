@@ -64,10 +64,11 @@ def _train(cfg, out: Path, fit: str, progress: bool):
 
 
 def _test_rows(ctx, ks: list[int], beam_width: int, max_users: int = 0, renormalized: bool = False,
-               split: str = "test", exclude_history: bool = False) -> dict[str, dict]:
-    """Retrieval head, beam search and the baselines on ``split`` (test or valid), history
-    items left in the ranking; with ``exclude_history`` the same rows again with history
-    items removed (``", history removed"``)."""
+               split: str = "test", history: str = "kept", extra_beams: tuple[int, ...] = ()) -> dict[str, dict]:
+    """Retrieval head, beam search and the baselines on ``split`` (test or valid), with
+    history items left in the ranking (``history="kept"``), removed from it (``"removed"``,
+    rows tagged ``", history removed"``) or both. ``extra_beams``: beam search again at these
+    widths on the same model (rows ``"generative (beam W)"``), a paired comparison."""
     from genrec_jax.semantic_ids.generative_eval import evaluate_generative
     from genrec_jax.semantic_ids.trie import Trie
     from genrec_jax.eval.evaluate import evaluate_model
@@ -79,7 +80,7 @@ def _test_rows(ctx, ks: list[int], beam_width: int, max_users: int = 0, renormal
     model = ctx.steps.model(ctx.state["params"])
     trie = Trie.from_item_codes(np.asarray(model.item_codes[...]), model.decoder.code_sizes)
     rows = {}
-    for excl in ([False, True] if exclude_history else [False]):
+    for excl in {"kept": [False], "removed": [True], "both": [False, True]}[history]:
         tag = ", history removed" if excl else ""
         t0 = time.perf_counter()
         rows["retrieval head" + tag] = evaluate_model(
@@ -96,6 +97,12 @@ def _test_rows(ctx, ks: list[int], beam_width: int, max_users: int = 0, renormal
             rows["generative (beam, renorm.)" + tag] = evaluate_generative(
                 model, es, trie=trie, max_len=cfg.data.max_seq_len, ks=ks, batch_size=cfg.eval.batch_size,
                 beam_width=beam_width, options=opts, max_users=max_users, renormalize=True, exclude_history=excl)
+        for w in extra_beams:
+            t0 = time.perf_counter()
+            rows[f"generative (beam {w})" + tag] = evaluate_generative(
+                model, es, trie=trie, max_len=cfg.data.max_seq_len, ks=ks, batch_size=cfg.eval.batch_size,
+                beam_width=w, options=opts, max_users=max_users, exclude_history=excl)
+            rows[f"generative (beam {w})" + tag]["seconds"] = time.perf_counter() - t0
         base = evaluate_baselines(ctx.fit_events, es, num_items=ds.num_items, ks=ks, max_users=max_users,
                                   exclude_history=excl)
         rows.update({f"{name} baseline{tag}": r for name, r in base.items()})
@@ -118,8 +125,8 @@ def bench_beauty(args) -> list[dict]:
     report = run_rqvae(cfg, out, progress=args.progress)
     rq_seconds = time.perf_counter() - t0
     ctx = _train(cfg, out, args.fit, args.progress)
-    rows = _test_rows(ctx, [5, 10, 20], cfg.model.decoder.beam_width, args.max_users, renormalized=True,
-                      split=args.eval_split, exclude_history=args.exclude_history)
+    rows = _test_rows(ctx, [5, 10, 20], cfg.model.decoder.beam_width, args.max_users, renormalized=args.renorm,
+                      split=args.eval_split, history=args.history, extra_beams=args.extra_beams)
     ctx.logger.close()
     ctx.checkpointer.close()
     cols = ["Recall@5", "NDCG@5", "Recall@10", "NDCG@10", "Recall@20"]
@@ -129,13 +136,15 @@ def bench_beauty(args) -> list[dict]:
           f"RQ-VAE {rq_seconds:.0f} s; semantic IDs from {cfg.rqvae.features} vectors")
     print(format_table(rows, cols))
     print("published TIGER: Recall@5 0.0454  NDCG@5 0.0321  Recall@10 0.0648  NDCG@10 0.0384")
-    for tag in ["", ", history removed"] if args.exclude_history else [""]:
-        gen, ret = rows["generative (beam)" + tag], rows["retrieval head" + tag]
-        print(f"generative / retrieval Recall@10{tag}: {gen['Recall@10'] / max(ret['Recall@10'], 1e-9):.3f}")
+    tags = {"kept": [""], "removed": [", history removed"], "both": ["", ", history removed"]}[args.history]
+    for tag in tags:
+        ret = rows["retrieval head" + tag]
+        for name in ["generative (beam)"] + [f"generative (beam {w})" for w in args.extra_beams]:
+            print(f"{name} / retrieval Recall@10{tag}: {rows[name + tag]['Recall@10'] / max(ret['Recall@10'], 1e-9):.3f}")
     print(f"semantic IDs: utilisation {[round(u, 3) for u in report['utilisation']]}, collision rate "
           f"{report['collision_rate']:.4f}")
     out_rows = [{"bench": "beauty", "model": name, "fit": args.fit, "split": args.eval_split,
-                 "steps": cfg.train.num_steps, "overrides": list(args.overrides), "ids_from": args.ids_from,
+                 "steps": cfg.train.num_steps, "seed": cfg.train.seed, "overrides": list(args.overrides), "ids_from": args.ids_from,
                  **{k: v for k, v in r.items() if k in cols + ["MRR", "Coverage", "seconds"]}}
                 for name, r in rows.items()]
     out_rows.append({"bench": "beauty", "model": "rqvae", **{k: report[k] for k in (
@@ -280,8 +289,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="events the model and the baselines are fitted on (beauty)")
     p.add_argument("--eval-split", choices=["test", "valid"], default="test",
                    help="score on the test event, or on the validation event for model selection (needs --fit train)")
-    p.add_argument("--exclude-history", action="store_true",
-                   help="also print every row with the user's history items removed from the ranking")
+    p.add_argument("--history", choices=["kept", "removed", "both"], default="kept",
+                   help="beauty: score with the user's history items left in the ranking, removed from it, or both")
+    p.add_argument("--exclude-history", action="store_true", help="the same as --history both")
+    p.add_argument("--extra-beams", default="", help="beauty: comma-separated beam widths to also search with, "
+                   "on the same model (paired comparison with the configured width)")
+    p.add_argument("--renorm", action="store_true",
+                   help="beauty: also score beam search with each level's softmax taken over the trie's codes only")
     p.add_argument("--ids-from", choices=["config", "retrieval"], default="config",
                    help="beauty: semantic IDs from rqvae.features (config) or from the item table of a "
                         "retrieval-only model trained first on the same events (retrieval)")
@@ -297,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write one JSON object per row to this file")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
+    if args.exclude_history:
+        args.history = "both"
+    args.extra_beams = tuple(int(w) for w in args.extra_beams.split(",") if w.strip())
     if args.eval_split == "valid" and args.fit != "train":
         p.error("--eval-split valid needs --fit train (a model fitted on the validation event cannot be selected on it)")
     rows = bench_beauty(args) if args.which == "beauty" else bench_synthetic(args)
