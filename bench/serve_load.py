@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=None, help="run directory to serve (starts serve.py)")
     p.add_argument("--url", default=None, help="a running server instead, e.g. http://127.0.0.1:8000")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="serve.* override for serve.py")
+    p.add_argument("--server-arg", dest="server_args", action="append", default=[],
+                   help="extra serve.py argument(s), e.g. --server-arg='--limit-concurrency 10000' (repeatable)")
     p.add_argument("--rates", default="50,100,200,400,800", help="offered requests/s, one phase each")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per rate")
     p.add_argument("--max-requests", type=int, default=5000, help="cap per rate")
@@ -85,6 +87,8 @@ def start_server(args) -> tuple[subprocess.Popen, str, Path]:
            "--log-level", "warning"]
     for o in args.overrides:
         cmd += ["--set", o]
+    for a in args.server_args:
+        cmd += a.split()
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}", log
 
