@@ -260,6 +260,10 @@ class ServeConfig:
     # uvicorn's own limit (serve.py --limit-concurrency) refuses by closing connections, and
     # those refusals were slow under overload (README, Known limits). 0: no cap.
     max_inflight: int = 0
+    # Python's GIL hand-over interval while the server runs (sys.setswitchinterval; 0 keeps
+    # Python's 5 ms). The batcher thread's host work and the event loop share the GIL: each
+    # time the loop waits on I/O the batcher may keep the GIL for up to this long.
+    gil_switch_interval_ms: float = 0.0
     timeout_ms: float = 1000.0
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     prefix_cache_users: int = 10000
@@ -395,6 +399,8 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     _check(sorted(s.seq_buckets) == list(s.seq_buckets) and all(b > 0 for b in s.seq_buckets),
            "serve.seq_buckets", "must be positive and increasing", source)
     _check(s.queue_size > 0, "serve.queue_size", "must be > 0", source)
+    _check(0 <= s.gil_switch_interval_ms <= 100, "serve.gil_switch_interval_ms",
+           "must be in [0, 100] (0 keeps Python's default of 5 ms)", source)
     _check(s.max_loop_lag_ms >= 0, "serve.max_loop_lag_ms", "must be >= 0 (0 turns lag shedding off)", source)
     _check(sorted(s.extend_buckets) == list(s.extend_buckets) and all(b > 0 for b in s.extend_buckets),
            "serve.extend_buckets", "must be positive and increasing", source)

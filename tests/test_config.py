@@ -62,6 +62,8 @@ def test_impossible_values(tmp_path):
         config_from_dict({"model": {"dropout": 1.5}})
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(write(tmp_path, "data:\n  batch_size: 0\n"))
+    with pytest.raises(ConfigError, match=r"serve\.gil_switch_interval_ms"):
+        load_config(preset_path("tiny"), ["serve.gil_switch_interval_ms=-1"])
 
 
 def test_bad_override_syntax_and_missing_file(tmp_path):

@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     limit = args.limit_concurrency or cfg.queue_size + 2 * max(cfg.batch_buckets) + 16
+    if cfg.gil_switch_interval_ms > 0:
+        sys.setswitchinterval(cfg.gil_switch_interval_ms / 1e3)
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -258,10 +258,12 @@ class Engine:
         self.ready = True
         log.info("engine ready: %d executables compiled in %.1fs", self.compiles, time.perf_counter() - t0)
 
-    def _signature(self, key: tuple) -> tuple[Callable, tuple, tuple[int, ...]]:
-        """(function, example arguments, donated argument indices) of an executable."""
+    def _signature(self, key: tuple, pool=None) -> tuple[Callable, tuple, tuple[int, ...]]:
+        """(function, example arguments, donated argument indices) of an executable; the
+        pool argument is ``pool`` (default: its abstract shapes, for compiling)."""
         i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-        w, pool, c = self.weights, self._pool_shapes, self.capacity
+        w, c = self.weights, self.capacity
+        pool = self._pool_shapes if pool is None else pool
         name, b = key[0], key[1]
         windows = lambda s: {**{k: i32(b, s) for k in ("items", "actions", "timestamps", "query_timestamps")},  # noqa: E731
                              "lengths": i32(b)}  # pad_batch's arrays
@@ -308,6 +310,29 @@ class Engine:
         self.process(jobs, _warm=True)
         self.prefix.discard(warm_user)
         self.prefix.hits, self.prefix.misses, self.prefix.evictions = counts
+        self._run_every_executable()
+
+    def _run_every_executable(self) -> None:
+        """Execute each compiled step once on zero inputs. A GPU executable's first run
+        loads its kernels (hundreds of ms for a large step); without this the first request
+        of each bucket paid it. Zero slots write only the pool's padding slot 0."""
+        t0 = time.perf_counter()
+        outs = []
+        for key, exe in self._exec.items():
+            _, args, donate = self._signature(key, pool=self._pool)
+            out = exe(*args)
+            if donate:  # the pool (prefill, extend) comes back updated
+                self._pool = out
+            else:
+                outs.append(out)
+        if self._gen is not None:
+            trie, execs = self._gen
+            z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+            outs += [exe(self.weights, self._pool, z(b), z(b), z(b, self.exclude_width), trie)
+                     for b, exe in execs.items()]
+        jax.block_until_ready((outs, self._pool))
+        log.info("ran %d executables once in %.2fs", len(self._exec) + len(self._gen[1] if self._gen else ()),
+                 time.perf_counter() - t0)
 
     # ----------------------------------------------------------------- building jobs
 

@@ -180,3 +180,34 @@ def test_host_spans_account_for_the_batch(engine, rng):
     parts = [spans[k] for k in ("dispatch", "wait", "fetch", "results")]
     assert all(p >= 0 for p in parts) and spans["total"] > 0
     assert sum(parts) <= spans["total"] + 1e-6
+
+
+def test_warmup_runs_every_executable_and_keeps_cached_users(engine, rng):
+    """Warm-up executes each compiled step once (a GPU executable's first run loads its
+    kernels); it writes only the pool's padding slot, so a cached user's answer is unchanged."""
+    h = histories(1, rng, lo=10, hi=20)[0]
+    uid = "warm-check"
+    first = engine.process([RecommendJob(h, 5, user_id=uid)])[0]
+    calls = {}
+    saved = dict(engine._exec)
+
+    class Counting:
+        def __init__(self, key, exe):
+            self.key, self.exe = key, exe
+
+        def __call__(self, *args):
+            calls[self.key] = calls.get(self.key, 0) + 1
+            return self.exe(*args)
+
+    engine._exec.update({key: Counting(key, exe) for key, exe in saved.items()})
+    try:
+        engine._run_every_executable()
+    finally:
+        engine._exec.update(saved)
+    assert calls == {key: 1 for key in saved}
+    hits = engine.prefix.hits
+    again = engine.process([RecommendJob(h, 5, user_id=uid)])[0]
+    assert engine.prefix.hits == hits + 1  # answered from the cache, after the zero-input runs
+    np.testing.assert_array_equal(again.items, first.items)
+    np.testing.assert_allclose(again.scores, first.scores, rtol=1e-5, atol=1e-6)
+    engine.prefix.discard(uid)
