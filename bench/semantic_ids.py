@@ -22,6 +22,7 @@ are quality benchmarks (wall-clock seconds are reported per stage).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -48,17 +49,20 @@ SYNTHETIC_OVERRIDES = [
 ]
 
 
-def _train(cfg, out: Path, fit: str, progress: bool):
-    """setup + train_loop on the events ``fit`` names (data.fit)."""
+def _train(cfg, out: Path, fit: str, progress: bool, resume: bool = False):
+    """setup + train_loop on the events ``fit`` names (data.fit); ``resume``: continue the
+    run in ``out`` from its latest checkpoint (to train.num_steps)."""
     import dataclasses
 
     from genrec_jax.train.loop import save_checkpoint, setup, train_loop
 
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fit=fit))
-    ctx = setup(cfg, out, progress=progress)
+    ctx = setup(cfg, out, progress=progress, resume=resume)
+    ctx.start_step = ctx.step
     t0 = time.perf_counter()
     train_loop(ctx)
-    save_checkpoint(ctx, ctx.step)
+    if ctx.checkpointer.latest_step() != ctx.step:
+        save_checkpoint(ctx, ctx.step)
     ctx.train_seconds = time.perf_counter() - t0
     return ctx
 
@@ -117,14 +121,24 @@ def bench_beauty(args) -> list[dict]:
 
     cfg = load_config(args.config or REPO / "configs" / "beauty_generative.yaml", args.overrides)
     out = Path(args.out or "runs/bench_beauty")
-    if out.exists():
-        shutil.rmtree(out)
-    t0 = time.perf_counter()
-    if args.ids_from == "retrieval":  # stage 0: a retrieval-only model's item table -> RQ-VAE input
-        cfg = retrieval_ids_config(cfg, out, args)
-    report = run_rqvae(cfg, out, progress=args.progress)
-    rq_seconds = time.perf_counter() - t0
-    ctx = _train(cfg, out, args.fit, args.progress)
+    ids_done = (out / "semantic_ids" / "meta.json").is_file() and (out / "semantic_ids" / "report.json").is_file()
+    if args.resume and ids_done:  # a run cut short (e.g. by a time limit): keep its IDs and checkpoints
+        if args.ids_from == "retrieval":
+            raise SystemExit("--resume keeps the semantic IDs of the run in --out; it does not support "
+                             "--ids-from retrieval (run without --resume)")
+        report = json.loads((out / "semantic_ids" / "report.json").read_text())
+        rq_seconds = 0.0
+        print(f"resuming {out}: semantic IDs kept, training continues from the latest checkpoint")
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        t0 = time.perf_counter()
+        if args.ids_from == "retrieval":  # stage 0: a retrieval-only model's item table -> RQ-VAE input
+            cfg = retrieval_ids_config(cfg, out, args)
+        report = run_rqvae(cfg, out, progress=args.progress)
+        rq_seconds = time.perf_counter() - t0
+    resume = args.resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    ctx = _train(cfg, out, args.fit, args.progress, resume=resume)
     rows = _test_rows(ctx, [5, 10, 20], cfg.model.decoder.beam_width, args.max_users, renormalized=args.renorm,
                       split=args.eval_split, history=args.history, extra_beams=args.extra_beams)
     ctx.logger.close()
@@ -132,7 +146,8 @@ def bench_beauty(args) -> list[dict]:
     cols = ["Recall@5", "NDCG@5", "Recall@10", "NDCG@10", "Recall@20"]
     es = getattr(ctx.split, args.eval_split)
     print(f"\nAmazon Beauty {args.eval_split} set ({len(es)} users, {ctx.dataset.num_items} items), "
-          f"leave-one-out, fitted on: {args.fit}; {cfg.train.num_steps} steps in {ctx.train_seconds:.0f} s, "
+          f"leave-one-out, fitted on: {args.fit}; {cfg.train.num_steps} steps "
+          f"({'resumed at ' + str(ctx.start_step) + ', ' if ctx.start_step else ''}{ctx.train_seconds:.0f} s), "
           f"RQ-VAE {rq_seconds:.0f} s; semantic IDs from {cfg.rqvae.features} vectors")
     print(format_table(rows, cols))
     print("published TIGER: Recall@5 0.0454  NDCG@5 0.0321  Recall@10 0.0648  NDCG@10 0.0384")
@@ -140,7 +155,8 @@ def bench_beauty(args) -> list[dict]:
     for tag in tags:
         ret = rows["retrieval head" + tag]
         for name in ["generative (beam)"] + [f"generative (beam {w})" for w in args.extra_beams]:
-            print(f"{name} / retrieval Recall@10{tag}: {rows[name + tag]['Recall@10'] / max(ret['Recall@10'], 1e-9):.3f}")
+            ratio = rows[name + tag]["Recall@10"] / ret["Recall@10"] if ret["Recall@10"] > 0 else float("nan")
+            print(f"{name} / retrieval Recall@10{tag}: {ratio:.3f}")
     print(f"semantic IDs: utilisation {[round(u, 3) for u in report['utilisation']]}, collision rate "
           f"{report['collision_rate']:.4f}")
     out_rows = [{"bench": "beauty", "model": name, "fit": args.fit, "split": args.eval_split,
@@ -304,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("which", choices=["synthetic", "beauty"])
     p.add_argument("--config", default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", default=None, help="run directory (replaced)")
+    p.add_argument("--out", default=None, help="run directory (replaced, unless --resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="beauty: continue the run already in --out (its semantic IDs and latest checkpoint) and "
+                        "score it, instead of starting over -- for a run stopped by a time limit")
     p.add_argument("--fit", choices=["train", "train+valid"], default="train",
                    help="events the model and the baselines are fitted on (beauty)")
     p.add_argument("--eval-split", choices=["test", "valid"], default="test",
