@@ -1,0 +1,82 @@
+"""The measuring parts of two benchmarks: serve_load's open-loop schedule spread over
+several generator processes, and the pooled cold-start rate's interval."""
+
+import asyncio
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench import serve_load  # noqa: E402
+from bench.semantic_ids import wilson_interval  # noqa: E402
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Answers POSTs whose body says {"n": even} with 200, odd with 503 (a refusal)."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append(body["n"])
+        status = 200 if body["n"] % 2 == 0 else 503
+        payload = json.dumps({"items": []} if status == 200 else {"error": {"type": "busy"}}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_GET(self):  # /metrics: one latency bucket
+        payload = b'genrec_request_latency_seconds_bucket{path="/v1/recommend",le="+Inf"} 0\n'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+class _Work:
+    def __init__(self):
+        self.n = 0
+
+    def body(self):
+        self.n += 1
+        return {"n": self.n}
+
+
+@pytest.mark.parametrize("procs", [1, 3])
+def test_every_scheduled_request_is_sent_once_and_counted(procs):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Handler.seen = []
+    try:
+        args = serve_load.parse_args(["--url", f"http://127.0.0.1:{server.server_port}", "--duration", "0.5",
+                                      "--procs", str(procs), "--timeout", "5"])
+        client = serve_load.RawClient(f"http://127.0.0.1:{server.server_port}", 8)
+        row = asyncio.run(serve_load.run_rate(client, 60.0, args, _Work()))
+    finally:
+        server.shutdown()
+    assert row["sent"] == 30 and row["generator_dropped"] == 0 and row["generator_procs"] == procs
+    assert sorted(_Handler.seen) == list(range(1, 31))  # each body once, whichever process sent it
+    assert row["ok"] == 15 and row["status_503"] == 15 and row["other_errors"] == 0
+    assert row["error_kinds"] == ["busy"]
+    assert row["p50_ms"] > 0 and np.isfinite(row["p99_ms"])
+    assert 0.3 < row["send_seconds"] < 2.0  # the 30 sends were spread over the half second, not bunched
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    lo, hi = wilson_interval(484, 500)
+    assert lo < 484 / 500 < hi and lo == pytest.approx(0.9487, abs=1e-4)
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0) and wilson_interval(0, 10)[0] == pytest.approx(0.0)
