@@ -313,9 +313,10 @@ class Engine:
         self._run_every_executable()
 
     def _run_every_executable(self) -> None:
-        """Execute each compiled step once on zero inputs. A GPU executable's first run
-        loads its kernels (hundreds of ms for a large step); without this the first request
-        of each bucket paid it. Zero slots write only the pool's padding slot 0."""
+        """Execute each compiled step once on zero inputs, so that no request pays an
+        executable's first run (on a GPU: loading its kernels, first allocations); the dry
+        run above reaches only the smallest buckets. Zero slots write only the pool's
+        padding slot 0."""
         t0 = time.perf_counter()
         outs = []
         for key, exe in self._exec.items():
