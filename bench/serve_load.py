@@ -313,12 +313,12 @@ def _send_in_process(url: str, path: str, bodies: list[bytes], times: list[float
 
 
 def _send_spread(url: str, path: str, bodies: list[bytes], times: list[float], args) -> list[dict]:
-    """The phase split over ``args.procs`` forked generator processes, round robin, so their
-    merged send times keep the 1/rate spacing."""
+    """The phase split over ``args.procs`` generator processes, round robin, so their merged
+    send times keep the 1/rate spacing. Spawned, not forked: this process has threads."""
     import multiprocessing as mp
 
     n = args.procs
-    with mp.get_context("fork").Pool(n) as pool:
+    with mp.get_context("spawn").Pool(n) as pool:
         return pool.starmap(_send_in_process, [(url, path, bodies[i::n], times[i::n], args) for i in range(n)])
 
 
@@ -327,7 +327,7 @@ async def run_rate(client: RawClient, rate: float, args, work: Workload) -> dict
     bodies = [json.dumps(work.body()).encode() for _ in range(n)]  # built before the clock starts
     path = f"/v1/{args.endpoint}"
     before = await server_counts(client)
-    lead = 0.5 if args.procs > 1 else 0.05  # time for the generator processes to start
+    lead = 2.0 if args.procs > 1 else 0.05  # time for the generator processes to start (spawned)
     start = time.time() + lead
     times = [start + i / rate for i in range(n)]
     if args.procs > 1:
