@@ -255,6 +255,11 @@ def server_quantile(before: dict, after: dict, q: float) -> float | None:
     return None
 
 
+def _per_process_cap(args) -> int:
+    """Each generator process's share of --max-inflight."""
+    return max(1, args.max_inflight // max(1, args.procs))
+
+
 async def send_schedule(client: RawClient, path: str, bodies: list[bytes], times: list[float], args) -> dict:
     """Send ``bodies[i]`` at wall-clock time ``times[i]`` (``time.time()``), whether or not
     earlier ones answered; returns the records (status, latency s, error kind), how late the
@@ -262,7 +267,7 @@ async def send_schedule(client: RawClient, path: str, bodies: list[bytes], times
     records: list[tuple[int, float, str]] = []
     inflight = 0
     dropped = 0
-    cap = max(1, args.max_inflight // max(1, args.procs))
+    cap = _per_process_cap(args)
 
     async def one(body):
         nonlocal inflight
@@ -303,7 +308,7 @@ async def send_schedule(client: RawClient, path: str, bodies: list[bytes], times
 def _send_in_process(url: str, path: str, bodies: list[bytes], times: list[float], args) -> dict:
     """One generator process's share of a phase (its own event loop and connections)."""
     async def go():
-        client = RawClient(url, max(1, args.max_inflight // max(1, args.procs)))
+        client = RawClient(url, _per_process_cap(args))
         try:
             return await send_schedule(client, path, bodies, times, args)
         finally:

@@ -290,10 +290,13 @@ class Engine:
         trie = jax.device_put(trie, self.sharding)
         fn = self._fn.wrap(steps.generate_step, beam_width=self.beam_width, max_len=self.max_len,
                            search=self.semantic.search)
-        i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-        execs = {b: self._compile(fn, (self.weights, self._pool_shapes, i32(b), i32(b), i32(b, self.exclude_width),
-                                       trie)) for b in self.batch_buckets}
+        execs = {b: self._compile(fn, self._generate_args(b, self._pool_shapes, trie)) for b in self.batch_buckets}
         return trie, execs
+
+    def _generate_args(self, b: int, pool, trie) -> tuple:
+        """Example arguments of the batch-``b`` beam-search step (zero slots, lengths, exclusions)."""
+        i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+        return self.weights, pool, i32(b), i32(b), i32(b, self.exclude_width), trie
 
     def _dry_run(self) -> None:
         """One tiny request through every path (first executions allocate buffers)."""
@@ -328,9 +331,7 @@ class Engine:
                 outs.append(out)
         if self._gen is not None:
             trie, execs = self._gen
-            z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-            outs += [exe(self.weights, self._pool, z(b), z(b), z(b, self.exclude_width), trie)
-                     for b, exe in execs.items()]
+            outs += [exe(*self._generate_args(b, self._pool, trie)) for b, exe in execs.items()]
         jax.block_until_ready((outs, self._pool))
         log.info("ran %d executables once in %.2fs", len(self._exec) + len(self._gen[1] if self._gen else ()),
                  time.perf_counter() - t0)
