@@ -263,7 +263,7 @@ class ServeConfig:
     # Python's GIL hand-over interval while the server runs (sys.setswitchinterval; 0 keeps
     # Python's 5 ms). The batcher thread's host work and the event loop share the GIL: each
     # time the loop waits on I/O the batcher may keep the GIL for up to this long.
-    gil_switch_interval_ms: float = 0.0
+    gil_switch_interval_ms: float = 0.5
     timeout_ms: float = 1000.0
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     prefix_cache_users: int = 10000

@@ -78,6 +78,16 @@ def build_app(run_dir: Path, overrides: list[str]):
     return create_app(cfg, lambda: Engine.from_checkpoint(run_dir, overrides))
 
 
+def apply_gil_switch_interval(cfg: ServeConfig) -> float:
+    """Set Python's GIL switch interval from ``serve.gil_switch_interval_ms`` (0: Python's
+    default 5 ms); returns the interval set, in seconds. The batcher thread hands results
+    back to the event loop: a short interval keeps that hand-off from waiting out a busy
+    thread's whole slice."""
+    interval = cfg.gil_switch_interval_ms / 1e3 if cfg.gil_switch_interval_ms > 0 else 0.005
+    sys.setswitchinterval(interval)
+    return interval
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run_dir = resolve_checkpoint(args.checkpoint, out=lambda m: print(m, file=sys.stderr))
@@ -90,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     limit = args.limit_concurrency or cfg.queue_size + 2 * max(cfg.batch_buckets) + 16
-    if cfg.gil_switch_interval_ms > 0:
-        sys.setswitchinterval(cfg.gil_switch_interval_ms / 1e3)
+    apply_gil_switch_interval(cfg)
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -99,9 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     print(f"serving {run_dir} on http://{args.host}:{args.port}  (ready when GET /readyz is 200; API at /docs)",
           file=sys.stderr)
-    # The batcher thread hands results back to the event loop: a short GIL switch interval
-    # keeps that hand-off from waiting out the default 5 ms slice of a busy thread.
-    sys.setswitchinterval(0.0005)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 limit_concurrency=limit, timeout_graceful_shutdown=10)
     return 0

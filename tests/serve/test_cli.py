@@ -4,6 +4,7 @@ concurrent callers correctly; without a checkpoint it explains how to get one.""
 import concurrent.futures
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -103,3 +104,17 @@ def test_build_app_applies_serve_overrides_only(tiny_run):
     assert app.state.service.cfg.queue_size == 3 and app.state.service.engine is None  # built at start-up
     with pytest.raises(ConfigError, match="serve"):
         cli.serve_config(tiny_run, ["model.num_layers=3"])
+
+
+def test_gil_switch_interval_follows_the_config():
+    from genrec_jax.config import ServeConfig
+
+    before = sys.getswitchinterval()
+    try:
+        assert cli.apply_gil_switch_interval(ServeConfig(gil_switch_interval_ms=2.0)) == 0.002
+        assert abs(sys.getswitchinterval() - 0.002) < 1e-9
+        assert cli.apply_gil_switch_interval(ServeConfig(gil_switch_interval_ms=0.0)) == 0.005
+        assert abs(sys.getswitchinterval() - 0.005) < 1e-9
+        assert ServeConfig().gil_switch_interval_ms == 0.5
+    finally:
+        sys.setswitchinterval(before)
