@@ -16,15 +16,21 @@ dV, dK, dQ; elementwise SiLU/bias work is not counted.)
 Decode (cached) attention and the pairwise interaction (F in {16, 50, 128}, D=128, B=4096)
 are reported in GB/s of compulsory traffic, next to a measured device-to-device copy.
 
-Timing: every function is jit'ed, warmed up (compilation and jax-triton autotuning), then
-run in rounds of k back-to-back calls (k sized so a round lasts >= 25 ms) over 3 rotating
-input sets with one ``block_until_ready`` per round; the median over rounds of
-(round time / k) is reported with the min-max spread. Exits 2 with a message without a GPU.
+Timing: the function under test is applied to R distinct input sets (R = 3) inside one jit,
+so one dispatch from Python launches R kernels (or R copies of the XLA reference) back to
+back; that executable is warmed up (compilation and jax-triton autotuning), then run in
+rounds of k calls (k sized so a round lasts >= 25 ms) with one ``block_until_ready`` per
+round. Reported: the median over rounds of (round time / (k R)), with the min-max spread.
+Timing each call separately would add Python's per-dispatch cost to every call, which is
+as long as the whole kernel at the small shapes (interaction, decode, N = 256): before this
+the interaction rows at F = 16 and F = 50 both read ~0.04 ms. Exits 2 with a message without
+a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import sys
@@ -51,23 +57,26 @@ def gpu_ready() -> tuple[bool, str]:
 
 
 def bench(fn, arg_sets, rounds: int = 15, min_round_s: float = 0.025):
-    """Median seconds per call (and min, max over rounds); see the module docstring."""
+    """Median seconds per call of ``fn`` (and min, max over rounds): ``fn`` applied to every
+    tuple in ``arg_sets`` within one jit; see the module docstring."""
     import jax
 
-    for args in arg_sets:  # compile, autotune, warm caches
-        jax.block_until_ready(fn(*args))
+    reps = len(arg_sets)
+    multi = jax.jit(lambda sets: [fn(*args) for args in sets])
+    sets = [tuple(a) for a in arg_sets]
+    jax.block_until_ready(multi(sets))  # compile, autotune, warm caches
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*arg_sets[0]))
+    jax.block_until_ready(multi(sets))
     one = max(time.perf_counter() - t0, 1e-6)
-    k = max(1, min(200, int(min_round_s / one)))
+    k = max(1, min(500, int(min_round_s / one)))
     per_call = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         out = None
-        for i in range(k):
-            out = fn(*arg_sets[i % len(arg_sets)])
+        for _ in range(k):
+            out = multi(sets)
         jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - t0) / k)
+        per_call.append((time.perf_counter() - t0) / (k * reps))
     return statistics.median(per_call), min(per_call), max(per_call)
 
 
@@ -129,10 +138,63 @@ def reference_gathered_bias(q, k, v, lengths, *, alpha, max_len, norm, pos_bias=
                                     max_len=max_len)
 
 
-def attention_rows(ns, b, h, d, rabs, skip_xla_above, only_impls=()):
+def _cfg_label(cfg: dict) -> str:
+    keys = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_B": "B", "BLOCK_I": "I", "ROW_STAGES": "R", "num_warps": "w",
+            "num_stages": "s"}
+    return " ".join(f"{keys.get(k, k)}{v}" for k, v in cfg.items())
+
+
+def wide_configs(kind: str, head_dim: int, rab: bool) -> list[dict]:
+    """The autotuning candidates of ``kind`` plus more tile shapes, warps and pipeline depths
+    (``--configs wide``: exploring which candidates to ship)."""
+    from genrec_jax.kernels import hstu_attention as ka
+    from genrec_jax.kernels import launch
+
+    out = launch.autotune_configs(ka.autotuned(kind, head_dim, rab))
+    if head_dim <= 128:
+        if kind in ("fwd", "dq"):
+            grid = [(64, 32, 4, 3), (64, 32, 4, 4), (128, 128, 8, 3), (128, 64, 4, 2), (128, 64, 4, 3),
+                    (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 4), (64, 16, 4, 3)]
+        else:  # bwd: BLOCK_N % BLOCK_M == 0
+            grid = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 8, 4), (64, 64, 4, 2), (64, 64, 4, 3),
+                    (32, 64, 4, 3), (16, 128, 8, 3), (64, 128, 8, 1)]
+        for bm, bn, w, st in grid:
+            c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def pick_config(make_fn, candidates, args, label, verbose):
+    """Time ``make_fn(cfg)`` for every candidate (pinned, no autotuner); return the fastest
+    (cfg, (median, min, max)). Failing candidates (e.g. too much shared memory) are skipped."""
+    best = None
+    for cfg in candidates:
+        try:
+            t = bench(make_fn(cfg), args, rounds=7)
+        except Exception as e:  # noqa: BLE001
+            if verbose:
+                print(f"    {label} [{_cfg_label(cfg)}]: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        if verbose:
+            print(f"    {label} [{_cfg_label(cfg)}]: {t[0] * 1e3:.3f} ms", flush=True)
+        if best is None or t[0] < best[1][0]:
+            best = (cfg, t)
+    if best is None:
+        raise RuntimeError(f"{label}: no configuration ran")
+    return best
+
+
+def attention_rows(ns, b, h, d, rabs, skip_xla_above, only_impls=(), configs="sweep", verbose=False):
+    """``configs``: "sweep" times every autotuning candidate pinned and reports the fastest
+    (the forward's first, then the backward's with that forward, then the separate dQ's);
+    "wide" does the same over a larger grid; "first" pins each kernel's first candidate (what
+    ``GENREC_TRITON_AUTOTUNE=0`` runs); "autotune" leaves it to jax-triton's autotuner."""
     import jax
     import jax.numpy as jnp
 
+    from genrec_jax.kernels import hstu_attention as ka
+    from genrec_jax.kernels import launch
     from genrec_jax.kernels.hstu_attention import hstu_attention_triton
     from genrec_jax.ops.hstu_attention import hstu_attention_reference
 
@@ -156,41 +218,75 @@ def attention_rows(ns, b, h, d, rabs, skip_xla_above, only_impls=()):
                              pb=jax.random.normal(kq, (n + 1,), jnp.float32) * 0.1,
                              tb=jax.random.normal(kk, (64,), jnp.float32) * 0.1,
                              cot=jax.random.normal(kt, (b, n, h, d), jnp.bfloat16)))
+        arg_f = [(s["q"], s["k"], s["v"], s["lengths"], s["pb"], s["tb"], s["ts"], s["qts"]) for s in sets]
+        arg_b = [a + (s["cot"],) for a, s in zip(arg_f, sets)]
         for rab in rabs:
             impls = ("triton", "triton-exact", "triton-dqsep", "xla") + (("xla-gather",) if rab == "pos+time" else ())
+            chosen = {}  # kernel kind -> pinned config, filled by the sweep of the first Triton impl
             for impl in impls:
                 if only_impls and impl not in only_impls:
                     continue
                 attn = {"xla": hstu_attention_reference, "xla-gather": reference_gathered_bias}.get(
                     impl, hstu_attention_triton)
-                kw = dict(alpha=1 / math.sqrt(d), max_len=n, norm="max_len")
+                base_kw = dict(alpha=1 / math.sqrt(d), max_len=n, norm="max_len")
                 if impl == "triton-dqsep":
-                    kw["dq_mode"] = "separate"
+                    base_kw["dq_mode"] = "separate"
                 if impl == "triton-exact":  # the kernel with the two-MUFU sigmoid (A/B of the tanh form)
-                    kw["sigmoid"] = "exact"
+                    base_kw["sigmoid"] = "exact"
 
-                def call(q, k, v, lengths, pb, tb, ts, qts, attn=attn, kw=kw, rab=rab):
-                    if rab == "pos+time":
-                        return attn(q, k, v, lengths, pos_bias=pb, time_bias=tb, timestamps=ts, query_timestamps=qts,
-                                    **kw)
-                    return attn(q, k, v, lengths, **kw)
+                def make(extra=None, attn=attn, base_kw=base_kw, rab=rab):
+                    kw = dict(base_kw, **(extra or {}))
 
-                fwd = jax.jit(call)
+                    def call(q, k, v, lengths, pb, tb, ts, qts):
+                        if rab == "pos+time":
+                            return attn(q, k, v, lengths, pos_bias=pb, time_bias=tb, timestamps=ts,
+                                        query_timestamps=qts, **kw)
+                        return attn(q, k, v, lengths, **kw)
 
-                def fwd_bwd(q, k, v, lengths, pb, tb, ts, qts, cot, call=call):
-                    out, vjp = jax.vjp(lambda q_, k_, v_, pb_, tb_: call(q_, k_, v_, lengths, pb_, tb_, ts, qts),
-                                       q, k, v, pb, tb)
-                    return out, vjp(cot)
+                    def fwd_bwd(q, k, v, lengths, pb, tb, ts, qts, cot):
+                        out, vjp = jax.vjp(lambda q_, k_, v_, pb_, tb_: call(q_, k_, v_, lengths, pb_, tb_, ts, qts),
+                                           q, k, v, pb, tb)
+                        return out, vjp(cot)
 
-                fwd_bwd = jax.jit(fwd_bwd)
-                arg_f = [(s["q"], s["k"], s["v"], s["lengths"], s["pb"], s["tb"], s["ts"], s["qts"]) for s in sets]
-                arg_b = [a + (s["cot"],) for a, s in zip(arg_f, sets)]
+                    return call, fwd_bwd
+
+                pins = {}
+                is_triton = impl.startswith("triton")
+                if is_triton and configs in ("sweep", "wide"):
+                    rab_flag = rab != "none"
+                    cands = (lambda kind: wide_configs(kind, d, rab_flag)) if configs == "wide" else (
+                        lambda kind: launch.autotune_configs(ka.autotuned(kind, d, rab_flag)))
+                    tag = f"{impl} N={n} rab={rab}"
+                    if "fwd" not in chosen:
+                        chosen["fwd"] = pick_config(lambda c: make({"fwd_config": c})[0], cands("fwd"), arg_f,
+                                                    f"{tag} fwd", verbose)[0]
+                    pins["fwd_config"] = chosen["fwd"]
+                    if "bwd" not in chosen:
+                        chosen["bwd"] = pick_config(lambda c: make(dict(pins, bwd_config=c))[1], cands("bwd"),
+                                                    arg_b, f"{tag} bwd", verbose)[0]
+                    pins["bwd_config"] = chosen["bwd"]
+                    if impl == "triton-dqsep":  # its backward kernel has no dQ product: its own sweep
+                        if "bwd_sep" not in chosen:
+                            chosen["bwd_sep"] = pick_config(lambda c: make(dict(pins, bwd_config=c))[1],
+                                                            cands("bwd"), arg_b, f"{tag} bwd", verbose)[0]
+                        pins["bwd_config"] = chosen["bwd_sep"]
+                        if "dq" not in chosen:
+                            chosen["dq"] = pick_config(lambda c: make(dict(pins, dq_config=c))[1], cands("dq"),
+                                                       arg_b, f"{tag} dq", verbose)[0]
+                        pins["dq_config"] = chosen["dq"]
+                elif is_triton and configs == "first":
+                    for kind in ("fwd", "bwd", "dq"):
+                        pins[f"{kind}_config"] = launch.autotune_configs(ka.autotuned(kind, d, rab != "none"))[0]
+                fwd, fwd_bwd = make(pins)
                 passes = (("fwd", fwd, arg_f, fwd_flop), ("fwd+bwd", fwd_bwd, arg_b, 3.5 * fwd_flop))
                 for what, fn, args, flop in passes:
                     if impl == "triton-dqsep" and what == "fwd":
                         continue  # same forward kernel as "triton"
                     row = dict(kernel="hstu_attention", impl=impl, pass_=what, rab=rab, B=b, N=n, H=h, D=d,
                                dtype="bfloat16", flop=flop)
+                    if pins:
+                        row["configs"] = {k.removesuffix("_config"): v for k, v in pins.items()
+                                          if what == "fwd+bwd" or k == "fwd_config"}
                     if impl.startswith("xla") and skip_xla_above and n > skip_xla_above:
                         row.update(status="skipped")
                     else:
@@ -238,10 +334,12 @@ def cached_rows(copy_bw):
     return rows
 
 
-def interaction_rows(fs, b, d, copy_bw):
+def interaction_rows(fs, b, d, copy_bw, configs="sweep", verbose=False):
     import jax
     import jax.numpy as jnp
 
+    from genrec_jax.kernels import interaction as ki
+    from genrec_jax.kernels import launch
     from genrec_jax.kernels.interaction import interaction_triton
     from genrec_jax.ops.interaction import pairwise_interaction_reference
 
@@ -250,15 +348,23 @@ def interaction_rows(fs, b, d, copy_bw):
         p = f * (f - 1) // 2
         sets = [(jax.random.normal(jax.random.PRNGKey(s), (b, f, d), jnp.bfloat16),
                  jax.random.normal(jax.random.PRNGKey(50 + s), (b, p), jnp.bfloat16)) for s in range(3)]
-        for impl, op in (("triton", interaction_triton), ("xla", pairwise_interaction_reference)):
-            fwd = jax.jit(lambda x, ct, op=op: op(x))
-            bwd = jax.jit(lambda x, ct, op=op: jax.vjp(op, x)[1](ct)[0])
-            for what, fn, nbytes in (("fwd", fwd, b * f * d * 2 + b * p * 2),
-                                     ("bwd", bwd, b * p * 2 + 2 * b * f * d * 2)):
+        for impl in ("triton", "xla"):
+            def make(cfg=None, impl=impl):
+                op = pairwise_interaction_reference if impl == "xla" else functools.partial(interaction_triton,
+                                                                                            config=cfg)
+                return (lambda x, ct: op(x)), (lambda x, ct: jax.vjp(op, x)[1](ct)[0])
+
+            for what, idx, nbytes in (("fwd", 0, b * f * d * 2 + b * p * 2), ("bwd", 1, b * p * 2 + 2 * b * f * d * 2)):
                 row = dict(kernel="pairwise_interaction", impl=impl, pass_=what, rab="", B=b, F=f, D=d,
                            dtype="bfloat16", bytes=nbytes)
                 try:
-                    med, lo, hi = bench(fn, sets)
+                    cfg = None
+                    if impl == "triton" and configs != "autotune":
+                        cands = launch.autotune_configs(ki.autotuned(what, ki._block_f(f)))
+                        cfg = cands[0] if configs == "first" else pick_config(
+                            lambda c: make(c)[idx], cands, sets, f"interaction F={f} {what}", verbose)[0]
+                        row["configs"] = {what: cfg}
+                    med, lo, hi = bench(make(cfg)[idx], sets)
                     row.update(status="ok", ms=med * 1e3, ms_min=lo * 1e3, ms_max=hi * 1e3, gbs=nbytes / med / 1e9,
                                frac_of_copy=nbytes / med / copy_bw)
                 except Exception as e:  # noqa: BLE001
@@ -281,6 +387,8 @@ def format_row(r: dict) -> str:
         out += f" {r['tflops']:7.1f} TFLOP/s"
     if "gbs" in r:
         out += f" {r['gbs']:7.0f} GB/s ({100 * r['frac_of_copy']:.0f}% of copy)"
+    if r.get("configs"):
+        out += "  [" + "; ".join(f"{k}: {_cfg_label(v)}" for k, v in r["configs"].items()) + "]"
     return out
 
 
@@ -320,6 +428,11 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-xla-above", type=int, default=0, help="skip the XLA reference above this N (0: never)")
     ap.add_argument("--interaction-fs", default="16,50,128")
     ap.add_argument("--only", default="attention,cached,interaction")
+    ap.add_argument("--configs", default="sweep", choices=["sweep", "wide", "first", "autotune"],
+                    help="Triton attention kernel configurations: time every autotuning candidate pinned and report "
+                         "the fastest (sweep); the same over a larger grid (wide); each kernel's first candidate, "
+                         "as GENREC_TRITON_AUTOTUNE=0 runs (first); or jax-triton's autotuner (autotune)")
+    ap.add_argument("--verbose", action="store_true", help="print every configuration's time during the sweep")
     ap.add_argument("--impls", default="",
                     help="attention implementations to time (comma list of triton, triton-exact, triton-dqsep, xla, "
                          "xla-gather; default: all that apply)")
@@ -338,11 +451,12 @@ def main(argv=None) -> int:
     if "attention" in only:
         rows += attention_rows([int(x) for x in args.ns.split(",")], args.batch, args.heads, args.dim,
                                args.rab.split(","), args.skip_xla_above,
-                               tuple(x for x in args.impls.split(",") if x))
+                               tuple(x for x in args.impls.split(",") if x), args.configs, args.verbose)
     if "cached" in only:
         rows += cached_rows(copy_bw)
     if "interaction" in only:
-        rows += interaction_rows([int(x) for x in args.interaction_fs.split(",")], 4096, 128, copy_bw)
+        rows += interaction_rows([int(x) for x in args.interaction_fs.split(",")], 4096, 128, copy_bw,
+                                 args.configs, args.verbose)
     print("\n" + "=" * 130)
     print("TFLOP/s: forward = 4*H*D*sum(len^2)/2, backward = 2.5 x forward; GB/s: compulsory bytes / time")
     for r in rows[1:]:

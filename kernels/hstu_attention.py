@@ -106,6 +106,27 @@ def _silu(s, SILU: tl.constexpr):
 
 
 @triton.jit
+def _table(TABLE, idx, NC: tl.constexpr):
+    """TABLE[idx] for a tile of indices into a small f32 table (the relative-bias tables).
+
+    NC == 1 (GPU): one ``ld.global.nc.f32`` per element in inline PTX. A plain ``tl.load``
+    inside a key loop is software-pipelined by Triton, which turns the gather into one 4-byte
+    ``cp.async`` per element through shared memory: on an H100 that made the forward with the
+    time bias 3x slower than the same kernel with the bias computed arithmetically
+    (kernels/NOTES.md). The opaque load keeps the gather a read-only-cache hit. NC == 0: the
+    plain load (the CPU interpreter cannot run PTX).
+    """
+    if NC == 1:
+        base = TABLE.to(tl.int64)
+        val = tl.inline_asm_elementwise(
+            "{ .reg .u64 t; mul.wide.s32 t, $2, 4; add.u64 t, t, $1; ld.global.nc.f32 $0, [t]; }",
+            "=f,l,r", [base + tl.zeros_like(idx).to(tl.int64), idx], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        val = tl.load(TABLE + idx)
+    return val
+
+
+@triton.jit
 def _fwd_range(
     acc, q, offs_m, pos_m, qts_m,  # [BM, BDV] f32, [BM, BDQK], [BM], [BM], [BM]
     lo, hi, hist,
@@ -115,6 +136,7 @@ def _fwd_range(
     MASK: tl.constexpr,  # 0: all pairs visible; 1: keys j < hi only; 2: full causal/target mask
     HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, PRECISION: tl.constexpr,
     SILU: tl.constexpr,  # 0: exact sigmoid (fp32 inputs); 1/2: through tanh (see _silu)
+    NC: tl.constexpr,  # table loads: 1 inline-PTX ld.global.nc (GPU), 0 tl.load (see _table)
     BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """acc += sum over key blocks in [lo, hi) of SiLU(alpha q k^T + rab) (masked) @ v."""
@@ -150,13 +172,13 @@ def _fwd_range(
             else:
                 pos_n = offs_n
             rel = tl.minimum(tl.maximum(pos_m[:, None] - pos_n[None, :], 0), num_pos - 1)
-            x += bias_scale * tl.load(POS_BIAS + rel)
+            x += bias_scale * _table(POS_BIAS, rel, NC)
         if HAS_TIME:
             if MASK == 0:
                 ts_n = tl.load(TS + offs_n)
             else:
                 ts_n = tl.load(TS + offs_n, mask=offs_n < hi, other=0)
-            x += bias_scale * tl.load(TIME_BIAS + _time_bucket(qts_m[:, None] - ts_n[None, :], num_buckets))
+            x += bias_scale * _table(TIME_BIAS, _time_bucket(qts_m[:, None] - ts_n[None, :], num_buckets), NC)
         a = _silu_pre(x, SILU)  # [BM, BN]
         if MASK == 1:
             a = tl.where((offs_n < hi)[None, :], a, 0.0)
@@ -183,7 +205,7 @@ def _hstu_fwd_kernel(
     OUT,  # [T, H, DV]
     H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
     NORM_COUNT: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    PADDED: tl.constexpr, PRECISION: tl.constexpr, SILU: tl.constexpr,
+    PADDED: tl.constexpr, PRECISION: tl.constexpr, SILU: tl.constexpr, NC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program = one (sequence, head, query block); grid (B * H, cdiv(max_len, BLOCK_M)).
@@ -228,13 +250,13 @@ def _hstu_fwd_kernel(
         a_full = (a_end // BLOCK_N) * BLOCK_N
         acc = _fwd_range(acc, q, offs_m, pos_m, qts_m, 0, a_full, hist, K_seq, V_seq, TS_seq, POS_BIAS,
                          TIME_BIAS, alpha, num_pos, num_buckets, H, DQK, DV, 0, HAS_TARGETS, HAS_POS, HAS_TIME,
-                         PRECISION, SILU, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                         PRECISION, SILU, NC, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         acc = _fwd_range(acc, q, offs_m, pos_m, qts_m, a_full, a_end, hist, K_seq, V_seq, TS_seq, POS_BIAS,
                          TIME_BIAS, alpha, num_pos, num_buckets, H, DQK, DV, 1, HAS_TARGETS, HAS_POS, HAS_TIME,
-                         PRECISION, SILU, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                         PRECISION, SILU, NC, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         acc = _fwd_range(acc, q, offs_m, pos_m, qts_m, start_m, tl.minimum(start_m + BLOCK_M, seq_len), hist,
                          K_seq, V_seq, TS_seq, POS_BIAS, TIME_BIAS, alpha, num_pos, num_buckets, H, DQK, DV, 2,
-                         HAS_TARGETS, HAS_POS, HAS_TIME, PRECISION, SILU, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                         HAS_TARGETS, HAS_POS, HAS_TIME, PRECISION, SILU, NC, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         if NORM_COUNT:
             acc = acc / (pos_m + 1).to(tl.float32)[:, None]  # visible keys = p_i + 1
         else:
@@ -258,7 +280,7 @@ def _bwd_range(
     H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
     MASK: tl.constexpr,  # 0: every pair visible (off-diagonal, keys < hist); 1: full mask
     NORM_COUNT: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, SILU: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, SILU: tl.constexpr, NC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_NB: tl.constexpr,
 ):
@@ -286,11 +308,11 @@ def _bwd_range(
             pos_m = offs_m
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * alpha  # [BN, BM] f32
         if HAS_POS:
-            st += tl.load(POS_BIAS + tl.minimum(tl.maximum(pos_m[None, :] - pos_n[:, None], 0), num_pos - 1))
+            st += _table(POS_BIAS, tl.minimum(tl.maximum(pos_m[None, :] - pos_n[:, None], 0), num_pos - 1), NC)
         if HAS_TIME:
             qts_m = tl.load(QTS + offs_m, mask=row_ok, other=0)
             bkt = _time_bucket(qts_m[None, :] - ts_n[:, None], num_buckets)  # [BN, BM] int32
-            st += tl.load(TIME_BIAS + bkt)
+            st += _table(TIME_BIAS, bkt, NC)
         sig = _sigmoid(st, SILU)
         if NORM_COUNT:
             inv_n = 1.0 / (pos_m + 1).to(tl.float32)  # [BM]
@@ -363,6 +385,7 @@ def _hstu_bwd_kernel(
     H: tl.constexpr, DQK: tl.constexpr, DV_DIM: tl.constexpr,
     NORM_COUNT: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
     PADDED: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, SILU: tl.constexpr,
+    NC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_NB: tl.constexpr,
 ):
@@ -417,20 +440,20 @@ def _hstu_bwd_kernel(
             dk, dv, dtime, k, v, offs_n, pos_n, ts_n, start_n, start_n, tl.minimum(start_n + BLOCK_N, seq_len),
             seq_len, hist, Q_seq, DO_seq, QTS_seq, DQ_seq, POS_BIAS, TIME_BIAS, DPOS, alpha, inv_max_len, num_pos,
             num_buckets, H, DQK, DV_DIM, 1, NORM_COUNT, HAS_TARGETS, HAS_POS, HAS_TIME, ATOMIC_DQ,
-            PRECISION, SILU, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
+            PRECISION, SILU, NC, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
         if start_n < hist:
             if start_n + BLOCK_N <= hist:  # all keys are history keys: no element masks
                 dk, dv, dtime = _bwd_range(
                     dk, dv, dtime, k, v, offs_n, pos_n, ts_n, start_n, start_n + BLOCK_N, seq_len, seq_len, hist,
                     Q_seq, DO_seq, QTS_seq, DQ_seq, POS_BIAS, TIME_BIAS, DPOS, alpha, inv_max_len, num_pos,
                     num_buckets, H, DQK, DV_DIM, 0, NORM_COUNT, HAS_TARGETS, HAS_POS, HAS_TIME, ATOMIC_DQ,
-                    PRECISION, SILU, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
+                    PRECISION, SILU, NC, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
             else:
                 dk, dv, dtime = _bwd_range(
                     dk, dv, dtime, k, v, offs_n, pos_n, ts_n, start_n, start_n + BLOCK_N, seq_len, seq_len, hist,
                     Q_seq, DO_seq, QTS_seq, DQ_seq, POS_BIAS, TIME_BIAS, DPOS, alpha, inv_max_len, num_pos,
                     num_buckets, H, DQK, DV_DIM, 1, NORM_COUNT, HAS_TARGETS, HAS_POS, HAS_TIME, ATOMIC_DQ,
-                    PRECISION, SILU, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
+                    PRECISION, SILU, NC, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
         dk = tl.where(key_ok[:, None], dk * alpha, 0.0)
         dv = tl.where(key_ok[:, None], dv, 0.0)
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_store[:, None] & (offs_dqk[None, :] < DQK))
@@ -456,6 +479,7 @@ def _dq_range(
     MASK: tl.constexpr,  # as in _fwd_range
     HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, PRECISION: tl.constexpr,
     SILU: tl.constexpr,  # 0: exact sigmoid (fp32 inputs); 1/2: through tanh (see _silu)
+    NC: tl.constexpr,  # table loads: 1 inline-PTX ld.global.nc (GPU), 0 tl.load (see _table)
     BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dq += sum over key blocks in [lo, hi) of dS k, recomputing S and dA = dO v^T."""
@@ -477,13 +501,13 @@ def _dq_range(
                 pos_n = tl.minimum(offs_n, hist)
             else:
                 pos_n = offs_n
-            s += tl.load(POS_BIAS + tl.minimum(tl.maximum(pos_m[:, None] - pos_n[None, :], 0), num_pos - 1))
+            s += _table(POS_BIAS, tl.minimum(tl.maximum(pos_m[:, None] - pos_n[None, :], 0), num_pos - 1), NC)
         if HAS_TIME:
             if MASK == 0:
                 ts_n = tl.load(TS + offs_n)
             else:
                 ts_n = tl.load(TS + offs_n, mask=offs_n < hi, other=0)
-            s += tl.load(TIME_BIAS + _time_bucket(qts_m[:, None] - ts_n[None, :], num_buckets))
+            s += _table(TIME_BIAS, _time_bucket(qts_m[:, None] - ts_n[None, :], num_buckets), NC)
         sig = _sigmoid(s, SILU)
         da = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN] = dA
         ds = da * inv_n[:, None] * sig * (1.0 + s * (1.0 - sig))  # [BM, BN] = dS
@@ -508,7 +532,7 @@ def _hstu_bwd_dq_kernel(
     DQ,  # [T, H, DQK]
     H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
     NORM_COUNT: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    PADDED: tl.constexpr, PRECISION: tl.constexpr, SILU: tl.constexpr,
+    PADDED: tl.constexpr, PRECISION: tl.constexpr, SILU: tl.constexpr, NC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dQ_i = alpha sum_j dS_ij k_j without atomics (``dq_mode="separate"``): the forward's
@@ -556,13 +580,13 @@ def _hstu_bwd_dq_kernel(
         a_full = (a_end // BLOCK_N) * BLOCK_N
         dq = _dq_range(dq, q, do, offs_m, pos_m, qts_m, inv_n, 0, a_full, hist, K_seq, V_seq, TS_seq, POS_BIAS,
                        TIME_BIAS, alpha, num_pos, num_buckets, H, DQK, DV, 0, HAS_TARGETS, HAS_POS, HAS_TIME,
-                       PRECISION, SILU, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                       PRECISION, SILU, NC, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         dq = _dq_range(dq, q, do, offs_m, pos_m, qts_m, inv_n, a_full, a_end, hist, K_seq, V_seq, TS_seq, POS_BIAS,
                        TIME_BIAS, alpha, num_pos, num_buckets, H, DQK, DV, 1, HAS_TARGETS, HAS_POS, HAS_TIME,
-                       PRECISION, SILU, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                       PRECISION, SILU, NC, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         dq = _dq_range(dq, q, do, offs_m, pos_m, qts_m, inv_n, start_m, tl.minimum(start_m + BLOCK_M, seq_len),
                        hist, K_seq, V_seq, TS_seq, POS_BIAS, TIME_BIAS, alpha, num_pos, num_buckets, H, DQK, DV, 2,
-                       HAS_TARGETS, HAS_POS, HAS_TIME, PRECISION, SILU, BLOCK_N, BLOCK_DQK, BLOCK_DV)
+                       HAS_TARGETS, HAS_POS, HAS_TIME, PRECISION, SILU, NC, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         dq = tl.where(row_ok[:, None], dq * alpha, 0.0)
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=store_mask)
     else:
@@ -586,7 +610,7 @@ def _hstu_cached_kernel(
     OUT,  # [B, M, H, DV]
     H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
     NORM_COUNT: tl.constexpr, HAS_HIST: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    PRECISION: tl.constexpr, SILU: tl.constexpr,
+    PRECISION: tl.constexpr, SILU: tl.constexpr, NC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Query m (cache index qp_m) sees keys j <= qp_m, j < kv_len; with HAS_HIST a query at or
@@ -635,10 +659,10 @@ def _hstu_cached_kernel(
                     mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BN, BDV]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * alpha  # [BM, BN]
         if HAS_POS:
-            s += tl.load(POS_BIAS + tl.minimum(tl.maximum(q_pos[:, None] - offs_n[None, :], 0), num_pos - 1))
+            s += _table(POS_BIAS, tl.minimum(tl.maximum(q_pos[:, None] - offs_n[None, :], 0), num_pos - 1), NC)
         if HAS_TIME:
             ts_n = tl.load(K_TS + b64 * cache_len + offs_n, mask=key_ok, other=0)
-            s += tl.load(TIME_BIAS + _time_bucket(qts[:, None] - ts_n[None, :], num_buckets))
+            s += _table(TIME_BIAS, _time_bucket(qts[:, None] - ts_n[None, :], num_buckets), NC)
         vis = (offs_n[None, :] <= qp[:, None]) & key_ok[None, :]
         a = tl.where(vis, _silu(s, SILU), 0.0)
         count += tl.sum(vis.to(tl.float32), axis=1)
@@ -669,11 +693,11 @@ def _hstu_cached_kernel(
 
 # --------------------------------------------------------------------------- autotuning
 
-# Chosen from static sm_90 compiles (ptxas -v; registers / spill bytes / shared memory per
-# config are listed in kernels/NOTES.md): H100 allows 227 KB of shared memory per block and
-# 255 registers per thread. With a relative bias every gather keeps a tile of 64-bit
-# addresses live (and the pipeliner stages the gathered values in shared memory), so the
-# rab variants use narrower key tiles. Head dims above 128 fall back to small tiles.
+# Candidates that fit the H100's 227 KB of shared memory per block, ordered by time on an
+# H100 (`python bench/kernels.py --configs wide --verbose`, kernels/NOTES.md): the first of
+# each list is the fastest measured at B=32, H=4, D=128, N=4096 (no bias) and at the `base`
+# training shape (B=64, N=512, H=8, D=64, position + time bias), and is what runs with
+# GENREC_TRITON_AUTOTUNE=0. Head dims above 128 fall back to small tiles.
 
 
 def _cfg(bm, bn, warps, stages):
@@ -684,9 +708,9 @@ def fwd_configs(head_dim: int, rab: bool) -> list:
     if head_dim > 128:
         return [_cfg(64, 32, 4, 2), _cfg(64, 16, 4, 2)]
     if rab:
-        return [_cfg(128, 32, 8, 2), _cfg(128, 32, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2),
-                _cfg(64, 32, 4, 3)]
-    return [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 32, 8, 3),
+        return [_cfg(64, 32, 4, 3), _cfg(64, 16, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2),
+                _cfg(128, 32, 8, 3)]
+    return [_cfg(64, 32, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 2), _cfg(128, 64, 8, 3),
             _cfg(64, 64, 4, 2)]
 
 
@@ -695,8 +719,8 @@ def bwd_configs(head_dim: int, rab: bool) -> list:
     if head_dim > 128:
         return [_cfg(16, 32, 4, 2), _cfg(16, 64, 8, 2)]
     if rab:
-        return [_cfg(32, 64, 8, 2), _cfg(16, 128, 8, 2), _cfg(32, 128, 8, 2), _cfg(16, 64, 4, 2)]
-    return [_cfg(32, 128, 8, 2), _cfg(32, 64, 8, 2), _cfg(16, 128, 8, 2), _cfg(64, 128, 8, 2)]
+        return [_cfg(32, 64, 4, 3), _cfg(16, 64, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 128, 8, 2)]
+    return [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(32, 128, 8, 2), _cfg(16, 128, 8, 2)]
 
 
 def dq_configs(head_dim: int, rab: bool) -> list:
@@ -704,8 +728,8 @@ def dq_configs(head_dim: int, rab: bool) -> list:
     if head_dim > 128:
         return [_cfg(64, 32, 4, 2)]
     if rab:
-        return [_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)]
-    return [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(128, 32, 8, 2), _cfg(64, 128, 8, 2)]
+        return [_cfg(64, 32, 4, 3), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)]
+    return [_cfg(128, 64, 8, 4), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(128, 32, 8, 4)]
 
 
 def cached_configs(num_queries: int) -> list:
@@ -791,7 +815,7 @@ class _Static:
     def meta(self, which: str) -> dict:
         return dict(H=self.heads, DQK=self.dqk, NORM_COUNT=self.norm_count, HAS_TARGETS=self.has_targets,
                     HAS_POS=self.has_pos, HAS_TIME=self.has_time, PADDED=self.padded, PRECISION=self.precision,
-                    SILU=self.silu[0 if which == "fwd" else 1],
+                    SILU=self.silu[0 if which == "fwd" else 1], NC=_table_nc(self.mode),
                     BLOCK_DQK=_block(self.dqk), BLOCK_DV=_block(self.dv))
 
 
@@ -879,6 +903,12 @@ def _silu_mode(dtype, mode: str, sigmoid: str = "auto", kind: str = "fwd", has_b
     if sigmoid == "auto" and has_bias and kind in ("fwd", "cached"):
         return 0
     return 1 if mode == "interpret" else 2
+
+
+def _table_nc(mode: str) -> int:
+    """1: bias-table gathers by inline-PTX ``ld.global.nc`` (compiled GPU launches); 0: plain
+    loads (the CPU interpreter, which cannot run PTX). See ``_table``."""
+    return 0 if mode == "interpret" else 1
 
 
 def _precision(dtype, precision: str | None) -> str:
@@ -1064,6 +1094,7 @@ def hstu_attention_cached_triton(
     meta = dict(H=h, DQK=dqk, DV=dv, NORM_COUNT=norm == "causal_count", HAS_HIST=hist_lengths is not None,
                 HAS_POS=pos_bias is not None, HAS_TIME=has_time, PRECISION=_precision(q.dtype, precision),
                 SILU=_silu_mode(q.dtype, mode, sigmoid, "cached", pos_bias is not None or has_time),
+                NC=_table_nc(mode),
                 BLOCK_DQK=_block(dqk), BLOCK_DV=_block(dv))
     (out,) = launch.triton_call(
         q, k_cache, v_cache, q_positions.astype(jnp.int32), kv_lengths.astype(jnp.int32), hist, pb, tb, kts, qts,

@@ -158,15 +158,18 @@ def _block_d(d: int, block_f: int) -> int:
 @functools.lru_cache(maxsize=None)
 def autotuned(kind: str, block_f: int):
     """Autotuned forward/backward kernel for a feature block size: rows per program, G rows
-    per program and warps (static sm_90 compiles of these: kernels/NOTES.md)."""
+    per program and warps (static sm_90 compiles of these: kernels/NOTES.md). The first of
+    each list (what GENREC_TRITON_AUTOTUNE=0 runs) is within 12% of the fastest measured on
+    an H100 for both passes at B=4096, D=128 (`python bench/kernels.py --only interaction
+    --verbose`)."""
     if block_f <= 32:  # (BLOCK_B, BLOCK_I, warps, ROW_STAGES): whole-row tiles, pipelined over rows
-        shapes = [(1, block_f, 4, 1), (4, block_f, 4, 1), (8, block_f, 4, 1), (32, block_f, 4, 3),
+        shapes = [(4, block_f, 4, 1), (1, block_f, 4, 1), (8, block_f, 4, 1), (32, block_f, 4, 3),
                   (64, block_f, 4, 4), (16, block_f, 2, 3)]
     elif block_f == 64:
         shapes = [(1, 64, 4, 1), (1, 32, 4, 1), (2, 64, 8, 1), (1, 64, 8, 1), (8, 64, 4, 3), (16, 64, 4, 3),
                   (16, 64, 8, 2)]
     else:
-        shapes = [(1, 32, 4, 1), (1, 64, 8, 1), (1, 32, 8, 1), (1, 16, 4, 1)]
+        shapes = [(1, 64, 8, 1), (1, 32, 4, 1), (1, 32, 8, 1), (1, 16, 4, 1)]
     configs = [triton.Config({"BLOCK_B": bb, "BLOCK_I": bi, "ROW_STAGES": rs}, num_warps=w, num_stages=2)
                for bb, bi, w, rs in shapes]
     kernel = _interaction_fwd_kernel if kind == "fwd" else _interaction_bwd_kernel

@@ -480,7 +480,7 @@ def test_compiles_for_sm90_within_shared_memory(kind):
     ptr = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "OUT": "*bf16", "DK": "*bf16", "DQ": "*fp32",
            "DPOS": "*fp32", "DTIME": "*fp32", "POS_BIAS": "*fp32", "TIME_BIAS": "*fp32"}
     flags = dict(H=4, DQK=128, NORM_COUNT=True, HAS_POS=True, HAS_TIME=True, PRECISION="tf32", BLOCK_DQK=128,
-                 BLOCK_DV=128, SILU=ka._silu_mode("bfloat16", "jax_triton"))
+                 BLOCK_DV=128, SILU=ka._silu_mode("bfloat16", "jax_triton"), NC=ka._table_nc("jax_triton"))
     if kind == "fwd":
         kernel = ka.autotuned("fwd", 128, True)
         meta = dict(flags, DV=128, HAS_TARGETS=True, PADDED=True)
@@ -515,6 +515,8 @@ def test_compiles_for_sm90_within_shared_memory(kind):
     assert compiled.metadata.shared <= 232448
     assert "mma" in compiled.asm["ptx"]
     assert flags["SILU"] == 2 and "tanh.approx.f32" in compiled.asm["ptx"]  # one MUFU op per pair (bf16)
+    # bias tables gathered by ld.global.nc (a tl.load would be pipelined into 4-byte cp.async)
+    assert flags["NC"] == 1 and "ld.global.nc.f32" in compiled.asm["ptx"]
 
 
 # --------------------------------------------------------------------------- GPU (jax-triton)
