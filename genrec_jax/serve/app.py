@@ -12,6 +12,13 @@ The engine is built (checkpoint load + ahead-of-time compiles) in a background t
 start-up, so /healthz answers at once and /readyz tells a load balancer when to send
 traffic. Every error leaves as ``{"error": {"type", "message", "field"?}}`` with a 4xx/5xx
 status; stack traces stay in the server log.
+
+``build_app`` holds the routes, the error format and the middleware over a backend with
+async ``recommend / rank / add_items / list_items / readiness / metrics_text``: ``Service``
+runs the engine in this process (``create_app``, the single-process server, and the engine
+process of the multi-process one), ``frontend.RemoteEngine`` forwards each call to the
+engine process. Both give the same API, schemas and errors. Nothing here imports jax, so
+the front-end processes start without it.
 """
 
 import asyncio
@@ -20,10 +27,9 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from fastapi import FastAPI, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,9 +38,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from genrec_jax.config import ServeConfig
 from genrec_jax.serve import schemas as S
 from genrec_jax.serve.batcher import Batcher
-from genrec_jax.serve.engine import Engine, RankScores, Recommendation
 from genrec_jax.serve.errors import DeadlineExceeded, NotReady, ServeError
-from genrec_jax.serve.metrics import ServeMetrics
+from genrec_jax.serve.metrics import EngineMetrics, RequestMetrics, ServeMetrics
+
+if TYPE_CHECKING:
+    from genrec_jax.serve.engine import Engine
 
 log = logging.getLogger("genrec_jax.serve")
 
@@ -46,21 +54,50 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-class Service:
-    """What the routes share: the engine (once built), the batcher and the metrics."""
+class LoopWatch:
+    """The event loop's lag: how late a timer that asks to wake every LAG_INTERVAL_S wakes.
+    When the loop cannot keep up with the requests arriving, every callback waits behind
+    the others and the lag grows with the backlog in the socket buffers."""
 
-    def __init__(self, cfg: ServeConfig, engine_factory: Callable[[], Engine], metrics: ServeMetrics):
+    LAG_INTERVAL_S = 0.005
+    loop_lag_s: float = 0.0
+    on_lag: Callable[[float], None] | None = None  # called with each measurement (seconds)
+
+    def __init__(self, max_loop_lag_ms: float):
+        self.max_loop_lag_ms = max_loop_lag_ms
+
+    async def watch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(self.LAG_INTERVAL_S)
+            self.loop_lag_s = max(0.0, loop.time() - t - self.LAG_INTERVAL_S)
+            if self.on_lag is not None:
+                self.on_lag(self.loop_lag_s)
+
+    def overloaded(self) -> bool:
+        """The event loop lags more than ``serve.max_loop_lag_ms`` (shed new model requests)."""
+        limit = self.max_loop_lag_ms
+        return limit > 0 and self.loop_lag_s * 1e3 > limit
+
+
+class Service(LoopWatch):
+    """The engine in this process (once built), its batcher and metrics; answers the
+    routes' calls (``build_app``), or the front ends' frames in the multi-process server
+    (``ipc.EngineServer``). Arguments and answers are plain JSON-able dicts."""
+
+    def __init__(self, cfg: ServeConfig, engine_factory: Callable[[], "Engine"], metrics: EngineMetrics):
+        super().__init__(cfg.max_loop_lag_ms)
         self.cfg = cfg
         self.metrics = metrics
         self._factory = engine_factory
-        self.engine: Engine | None = None
+        self.engine: "Engine | None" = None
         self.batcher: Batcher | None = None
         self.error: str | None = None
         self._add_lock = threading.Lock()
         self._start_lock = threading.Lock()
         metrics.watch(lambda: self.engine.stats() if self.engine else None,
                       lambda: self.batcher.depth if self.batcher else 0)
-        metrics.loop_lag.set_function(lambda: self.loop_lag_s)  # read at scrape time
 
     def start(self) -> None:
         """Build the engine (once) and start a batcher (runs in a background thread).
@@ -93,29 +130,15 @@ class Service:
         if self.batcher is not None:
             self.batcher.stop()
 
-    # The event loop's lag: how late a timer that asks to wake every LAG_INTERVAL_S wakes.
-    # When the loop cannot keep up with the requests arriving, every callback waits behind
-    # the others and the lag grows with the backlog in the socket buffers.
-    LAG_INTERVAL_S = 0.005
-    loop_lag_s: float = 0.0
-
-    async def watch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            t = loop.time()
-            await asyncio.sleep(self.LAG_INTERVAL_S)
-            self.loop_lag_s = max(0.0, loop.time() - t - self.LAG_INTERVAL_S)
-
-    def overloaded(self) -> bool:
-        """The event loop lags more than ``serve.max_loop_lag_ms`` (shed new model requests)."""
-        limit = self.cfg.max_loop_lag_ms
-        return limit > 0 and self.loop_lag_s * 1e3 > limit
-
     @property
     def ready(self) -> bool:
         return self.engine is not None and self.batcher is not None and not self.batcher.stopped
 
-    def ready_engine(self) -> Engine:
+    def queue_full(self) -> bool:
+        b = self.batcher
+        return b is not None and b.depth >= b.queue_size
+
+    def ready_engine(self) -> "Engine":
         if not self.ready:
             raise NotReady("the model is still loading / compiling" if self.error is None
                            else f"the model failed to load: {self.error}")
@@ -131,14 +154,74 @@ class Service:
             fut.cancel()
             raise DeadlineExceeded(f"no answer within {1e3 * timeout_s:.0f} ms") from None
 
+    # ----------------------------------------------------------------- the routes' calls
 
-def create_app(cfg: ServeConfig, engine: Engine | Callable[[], Engine], *,
+    async def recommend(self, a: dict) -> dict:
+        """``a``: ``schemas.recommend_args``. The answer lacks ``latency_ms`` (the route adds it)."""
+        engine = self.ready_engine()
+        job = engine.recommend_job(a["history"], k=a["k"], mode=a["mode"], context=a["context"],
+                                   exclude_history=a["exclude_history"], exclude_items=a["exclude_items"],
+                                   user_id=a["user_id"])
+        rec = await self.run(job, a["timeout_ms"])
+        names = engine.catalog.externals(rec.items)
+        return {"items": [{"item_id": n, "score": float(s)} for n, s in zip(names, rec.scores)],
+                "model_version": engine.model_version}
+
+    async def rank(self, a: dict) -> dict:
+        """``a``: ``schemas.rank_args``."""
+        engine = self.ready_engine()
+        job = engine.rank_job(a["history"], a["candidates"], context=a["context"], user_id=a["user_id"])
+        res = await self.run(job, a["timeout_ms"])
+        names = list(res.scores)
+        items = [{"item_id": str(c), "scores": {n: float(res.scores[n][i]) for n in names}}
+                 for i, c in enumerate(a["candidates"])]
+        if a["sort"]:
+            key = names[0]
+            items.sort(key=lambda it: -it["scores"][key])
+        return {"items": items, "model_version": engine.model_version}
+
+    async def add_items(self, a: dict) -> dict:
+        """``a``: ``schemas.add_items_args``."""
+        engine = self.ready_engine()
+
+        def register():
+            with self._add_lock:  # one registration (and recompile) at a time
+                return engine.add_items(a["items"])
+
+        added = await asyncio.to_thread(register)
+        return {"items": added, "total": len(engine.catalog)}
+
+    async def list_items(self, a: dict) -> dict:
+        engine = self.ready_engine()
+        cat = engine.catalog
+        page = cat.page(a["offset"], a["limit"])
+        return {"items": [{"item_id": x, "cold_start": i > cat.num_trained} for i, x in page],
+                "total": len(cat), "offset": a["offset"], "limit": a["limit"]}
+
+    async def readiness(self) -> tuple[int, dict]:
+        """(HTTP status, body) of GET /readyz."""
+        if not self.ready:
+            body = {"status": "failed" if self.error else "loading"}
+            if self.error:
+                body["error"] = self.error
+            return 503, body
+        return 200, {"status": "ready", **self.engine.describe()}
+
+    async def metrics_text(self) -> bytes:
+        return generate_latest(self.metrics.registry)
+
+
+def create_app(cfg: ServeConfig, engine: "Engine | Callable[[], Engine]", *,
                metrics: ServeMetrics | None = None) -> FastAPI:
-    """The FastAPI app. ``engine``: a built engine, or a factory called at start-up in a
-    background thread (so the server answers /healthz while it compiles)."""
+    """The single-process server: the engine runs in this process. ``engine``: a built
+    engine, or a factory called at start-up in a background thread (so the server answers
+    /healthz while it compiles)."""
+    from genrec_jax.serve.engine import Engine  # here, not at the top: front ends never import jax
+
     factory = engine if callable(engine) and not isinstance(engine, Engine) else (lambda: engine)
-    svc = Service(cfg, factory, metrics or ServeMetrics())
-    schemas = S.build_schemas(cfg)
+    metrics = metrics or ServeMetrics()
+    svc = Service(cfg, factory, metrics)
+    metrics.loop_lag.set_function(lambda: svc.loop_lag_s)  # read at scrape time
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -148,11 +231,21 @@ def create_app(cfg: ServeConfig, engine: Engine | Callable[[], Engine], *,
         watcher.cancel()
         svc.stop()
 
+    return build_app(cfg, svc, metrics, lifespan=lifespan, queue_full=svc.queue_full, max_inflight=cfg.max_inflight)
+
+
+def build_app(cfg: ServeConfig, backend: Any, metrics: RequestMetrics, *, lifespan: Callable,
+              queue_full: Callable[[], bool], max_inflight: int) -> FastAPI:
+    """The public API over ``backend`` (``Service``, or ``frontend.RemoteEngine``): routes,
+    schemas, error format, body limits and load shedding. ``queue_full``: refuse model
+    requests before parsing them; ``max_inflight``: the in-app cap (0: none)."""
+    schemas = S.build_schemas(cfg)
     app = FastAPI(title="genrec-jax recommendation service", version="1", lifespan=lifespan,
                   description="Generative recommender (HSTU encoder, retrieval / semantic-ID heads, M-FALCON ranking).")
-    app.state.service = svc
-    _install_error_handlers(app, svc)
-    _install_middleware(app, svc, cfg.max_body_bytes)
+    app.state.service = backend
+    _install_error_handlers(app, metrics)
+    app.add_middleware(ServeMiddleware, limit=cfg.max_body_bytes, metrics=metrics, queue_full=queue_full,
+                       overloaded=backend.overloaded, max_inflight=max_inflight)
 
     RecommendRequest, RankRequest = schemas.RecommendRequest, schemas.RankRequest
     AddItemsRequest = schemas.AddItemsRequest
@@ -160,50 +253,24 @@ def create_app(cfg: ServeConfig, engine: Engine | Callable[[], Engine], *,
     @app.post("/v1/recommend", response_model=S.RecommendResponse, responses=ERROR_RESPONSES)
     async def recommend(req: RecommendRequest) -> Response:  # type: ignore[valid-type]
         t0 = time.perf_counter()
-        engine = svc.ready_engine()
-        job = engine.recommend_job(S.dump_events(req.history), k=req.k, mode=req.mode,
-                                   context=req.context.model_dump() if req.context else None,
-                                   exclude_history=req.exclude_history, exclude_items=req.exclude_items,
-                                   user_id=req.user_id)
-        rec: Recommendation = await svc.run(job, req.timeout_ms)
-        names = engine.catalog.externals(rec.items)
-        return JSONResponse({"items": [{"item_id": n, "score": float(s)} for n, s in zip(names, rec.scores)],
-                             "model_version": engine.model_version, "latency_ms": 1e3 * (time.perf_counter() - t0)})
+        body = await backend.recommend(S.recommend_args(req))
+        body["latency_ms"] = 1e3 * (time.perf_counter() - t0)
+        return JSONResponse(body)
 
     @app.post("/v1/rank", response_model=S.RankResponse, responses=ERROR_RESPONSES)
     async def rank(req: RankRequest) -> Response:  # type: ignore[valid-type]
         t0 = time.perf_counter()
-        engine = svc.ready_engine()
-        job = engine.rank_job(S.dump_events(req.history), req.candidates,
-                              context=req.context.model_dump() if req.context else None, user_id=req.user_id)
-        res: RankScores = await svc.run(job, req.timeout_ms)
-        names = list(res.scores)
-        items = [{"item_id": str(c), "scores": {n: float(res.scores[n][i]) for n in names}}
-                 for i, c in enumerate(req.candidates)]
-        if req.sort:
-            key = names[0]
-            items.sort(key=lambda it: -it["scores"][key])
-        return JSONResponse({"items": items, "model_version": engine.model_version,
-                             "latency_ms": 1e3 * (time.perf_counter() - t0)})
+        body = await backend.rank(S.rank_args(req))
+        body["latency_ms"] = 1e3 * (time.perf_counter() - t0)
+        return JSONResponse(body)
 
     @app.post("/v1/items", response_model=S.AddItemsResponse, status_code=201, responses=ERROR_RESPONSES)
     async def add_items(req: AddItemsRequest) -> dict:  # type: ignore[valid-type]
-        engine = svc.ready_engine()
-
-        def register():
-            with svc._add_lock:  # one registration (and recompile) at a time
-                return engine.add_items([{"item_id": it.item_id, "features": it.features} for it in req.items])
-
-        added = await run_in_threadpool(register)
-        return {"items": added, "total": len(engine.catalog)}
+        return await backend.add_items(S.add_items_args(req))
 
     @app.get("/v1/items", response_model=S.ItemsPage, responses=ERROR_RESPONSES)
     async def list_items(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**31)) -> dict:
-        engine = svc.ready_engine()
-        cat = engine.catalog
-        page = cat.page(offset, limit)
-        return {"items": [{"item_id": x, "cold_start": i > cat.num_trained} for i, x in page],
-                "total": len(cat), "offset": offset, "limit": limit}
+        return await backend.list_items({"offset": offset, "limit": limit})
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -211,17 +278,13 @@ def create_app(cfg: ServeConfig, engine: Engine | Callable[[], Engine], *,
 
     @app.get("/readyz", responses={503: {"description": "Still loading, or failed to load"}})
     async def readyz() -> Response:
-        if not svc.ready:
-            body = {"status": "failed" if svc.error else "loading"}
-            if svc.error:
-                body["error"] = svc.error
-            return JSONResponse(body, status_code=503)
-        return JSONResponse({"status": "ready", **svc.engine.describe()})
+        status, body = await backend.readiness()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
     async def metrics_endpoint() -> Response:
-        return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await backend.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
@@ -255,8 +318,8 @@ def _error(status: int, kind: str, message: str, field: str | None = None, heade
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-def _install_error_handlers(app: FastAPI, svc: Service) -> None:
-    count = lambda kind: svc.metrics.errors.labels(kind).inc()  # noqa: E731
+def _install_error_handlers(app: FastAPI, metrics: RequestMetrics) -> None:
+    count = lambda kind: metrics.errors.labels(kind).inc()  # noqa: E731
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -405,12 +468,3 @@ def _is_json(ctype: str) -> bool:
 
 class _TooLarge(StarletteHTTPException):
     pass
-
-
-def _install_middleware(app: FastAPI, svc: Service, max_body: int) -> None:
-    def queue_full() -> bool:
-        b = svc.batcher
-        return b is not None and b.depth >= b.queue_size
-
-    app.add_middleware(ServeMiddleware, limit=max_body, metrics=svc.metrics, queue_full=queue_full,
-                       overloaded=svc.overloaded, max_inflight=svc.cfg.max_inflight)

@@ -69,3 +69,21 @@ class DeadlineExceeded(ServeError):
 class ShuttingDown(ServeError):
     status = 503
     kind = "shutting_down"
+
+
+class EngineUnavailable(ServeError):
+    """Multi-process server: a front end cannot reach the engine process (gone, or its
+    connection broke while the request waited)."""
+
+    status = 503
+    kind = "engine_unavailable"
+
+
+class RemoteError(ServeError):
+    """An error the engine process answered with, raised again in the front end so that the
+    client gets the same status and body as from the single-process server."""
+
+    def __init__(self, status: int, kind: str, message: str, field: str | None = None):
+        super().__init__(message, field)
+        self.status = status if 400 <= status <= 599 else 502
+        self.kind = kind

@@ -1,8 +1,11 @@
 """Prometheus metrics of the service (``GET /metrics``), in a registry of its own.
 
-Request-side metrics are updated by the app and the batcher; engine-side ones (compiles,
-prefix cache) are read from ``Engine.stats()`` at scrape time by a collector, so the
-engine itself does not depend on prometheus-client.
+Request-side metrics (``RequestMetrics``) are updated by the HTTP app; batch-side ones
+(``EngineMetrics``) by the batcher, and the engine's counters (compiles, prefix cache) are
+read from ``Engine.stats()`` at scrape time by a collector, so the engine itself does not
+depend on prometheus-client. The single-process server keeps both in one registry
+(``ServeMetrics``); the multi-process one keeps the first in its front ends and the second
+in the engine process (``supervisor.py``).
 """
 
 from __future__ import annotations
@@ -16,15 +19,32 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.05, 0.1, 0.
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
-class ServeMetrics:
+class RequestMetrics:
+    """What the HTTP layer records: latency and status per endpoint, errors by class, the
+    event loop's lag. In the multi-process server each front end keeps these, in
+    prometheus-client's multiprocess mode, so a scrape of any front end sums them all."""
+
     def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
+        self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.latency = Histogram("genrec_request_latency_seconds", "End-to-end request latency in the server",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.requests = Counter("genrec_requests", "Requests answered, by endpoint and HTTP status",
                                 ["endpoint", "status"], registry=r)
         self.errors = Counter("genrec_errors", "Error responses by class", ["error_class"], registry=r)
+        # "livemax": in multiprocess mode, the most lagging live front end (ignored otherwise)
+        self.loop_lag = Gauge("genrec_event_loop_lag_seconds",
+                              "How late the HTTP event loop runs a 5 ms timer (load shedding above "
+                              "serve.max_loop_lag_ms)", registry=r, multiprocess_mode="livemax")
+
+
+class EngineMetrics:
+    """What the batcher and the engine record: batch sizes, queue wait and depth, and the
+    engine's own counters (compiles, prefix cache), read at scrape time."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
         self.batch_size = Histogram("genrec_batch_size", "Requests per batch the batcher ran",
                                     buckets=SIZE_BUCKETS, registry=r)
         self.step_rows = Histogram("genrec_step_rows", "Real rows per compiled-step call (bucket padding excluded)",
@@ -32,9 +52,6 @@ class ServeMetrics:
         self.queue_wait = Histogram("genrec_queue_wait_seconds", "Time the oldest request of a batch waited",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("genrec_queue_depth", "Requests waiting in the batcher queue", registry=r)
-        self.loop_lag = Gauge("genrec_event_loop_lag_seconds",
-                              "How late the HTTP event loop runs a 5 ms timer (load shedding above "
-                              "serve.max_loop_lag_ms)", registry=r)
 
     def on_batch(self, size: int, waited_s: float) -> None:
         self.batch_size.observe(size)
@@ -47,6 +64,15 @@ class ServeMetrics:
         """Read the engine's counters and the queue depth at every scrape."""
         self.queue_depth.set_function(depth)
         self.registry.register(_EngineCollector(stats))
+
+
+class ServeMetrics(RequestMetrics, EngineMetrics):
+    """Both sides in one registry: the single-process server."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        registry = registry if registry is not None else CollectorRegistry()
+        RequestMetrics.__init__(self, registry)
+        EngineMetrics.__init__(self, registry)
 
 
 class _EngineCollector:

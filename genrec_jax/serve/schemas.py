@@ -130,3 +130,24 @@ def build_schemas(cfg: ServeConfig) -> types.SimpleNamespace:
 
 def dump_events(events: list[Event]) -> list[dict[str, Any]]:
     return [{"item_id": e.item_id, "action": e.action, "timestamp": e.timestamp} for e in events]
+
+
+# What a route hands its backend: plain, JSON-able dicts, so the same call runs in this
+# process or, in the multi-process server, travels to the engine process as one frame.
+
+
+def recommend_args(req: Any) -> dict[str, Any]:
+    return {"history": dump_events(req.history), "k": req.k, "mode": req.mode,
+            "context": req.context.model_dump() if req.context else None,
+            "exclude_history": req.exclude_history, "exclude_items": req.exclude_items,
+            "user_id": req.user_id, "timeout_ms": req.timeout_ms}
+
+
+def rank_args(req: Any) -> dict[str, Any]:
+    return {"history": dump_events(req.history), "candidates": req.candidates,
+            "context": req.context.model_dump() if req.context else None,
+            "user_id": req.user_id, "sort": req.sort, "timeout_ms": req.timeout_ms}
+
+
+def add_items_args(req: Any) -> dict[str, Any]:
+    return {"items": [{"item_id": it.item_id, "features": it.features} for it in req.items]}
