@@ -264,6 +264,11 @@ class ServeConfig:
     # Python's 5 ms). The batcher thread's host work and the event loop share the GIL: each
     # time the loop waits on I/O the batcher may keep the GIL for up to this long.
     gil_switch_interval_ms: float = 0.5
+    # HTTP front-end processes (serve.py --workers). 0 or 1: one process parses HTTP and runs
+    # the engine. N >= 2: N processes parse and validate requests and forward them over a
+    # Unix socket to one engine process (serve/supervisor.py), so that HTTP work does not
+    # share a Python interpreter with the batcher.
+    http_workers: int = 0
     timeout_ms: float = 1000.0
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     prefix_cache_users: int = 10000
@@ -402,6 +407,8 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     _check(0 <= s.gil_switch_interval_ms <= 100, "serve.gil_switch_interval_ms",
            "must be in [0, 100] (0 keeps Python's default of 5 ms)", source)
     _check(s.max_loop_lag_ms >= 0, "serve.max_loop_lag_ms", "must be >= 0 (0 turns lag shedding off)", source)
+    _check(0 <= s.http_workers <= 256, "serve.http_workers",
+           f"must be in [0, 256] (0 or 1: a single process), got {s.http_workers}", source)
     _check(sorted(s.extend_buckets) == list(s.extend_buckets) and all(b > 0 for b in s.extend_buckets),
            "serve.extend_buckets", "must be positive and increasing", source)
     for key, val in [("serve.max_k", s.max_k), ("serve.beam_width", s.beam_width),

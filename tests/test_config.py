@@ -64,6 +64,9 @@ def test_impossible_values(tmp_path):
         load_config(write(tmp_path, "data:\n  batch_size: 0\n"))
     with pytest.raises(ConfigError, match=r"serve\.gil_switch_interval_ms"):
         load_config(preset_path("tiny"), ["serve.gil_switch_interval_ms=-1"])
+    with pytest.raises(ConfigError, match=r"serve\.http_workers"):
+        load_config(preset_path("tiny"), ["serve.http_workers=-1"])
+    assert load_config(preset_path("tiny"), ["serve.http_workers=4"]).serve.http_workers == 4
 
 
 def test_bad_override_syntax_and_missing_file(tmp_path):

@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-concurrency", type=int, default=None,
                    help="requests in flight before uvicorn answers 503 at once (default: serve.queue_size + "
                         "2 x the largest batch bucket + 16): bounds the work admitted when the HTTP layer, "
-                        "not the model, is the bottleneck")
+                        "not the model, is the bottleneck (with --workers: per front end, default 4 x its "
+                        "in-flight cap + 64)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="HTTP front-end processes (sets serve.http_workers). 0 or 1: one process serves HTTP and "
+                        "runs the engine; N >= 2: N processes parse HTTP and forward to one engine process")
     return p
 
 
@@ -93,21 +97,40 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = resolve_checkpoint(args.checkpoint, out=lambda m: print(m, file=sys.stderr))
     if run_dir is None:
         return 2
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"serve.http_workers={args.workers}")
     try:
-        cfg = serve_config(run_dir, args.overrides)
-        app = build_app(run_dir, args.overrides)
+        cfg = serve_config(run_dir, overrides)
+        app = build_app(run_dir, overrides) if cfg.http_workers < 2 else None
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    limit = args.limit_concurrency or cfg.queue_size + 2 * max(cfg.batch_buckets) + 16
     apply_gil_switch_interval(cfg)
-    import uvicorn
-
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax"):  # checkpoint-restore chatter
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    if cfg.http_workers >= 2:
+        return serve_multiprocess(run_dir, overrides, cfg, args)
+    limit = args.limit_concurrency or cfg.queue_size + 2 * max(cfg.batch_buckets) + 16
+    import uvicorn
+
     print(f"serving {run_dir} on http://{args.host}:{args.port}  (ready when GET /readyz is 200; API at /docs)",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 limit_concurrency=limit, timeout_graceful_shutdown=10)
     return 0
+
+
+def serve_multiprocess(run_dir: Path, overrides: list[str], cfg: ServeConfig, args: argparse.Namespace) -> int:
+    """``serve.http_workers`` HTTP front-end processes and the engine in this one
+    (``supervisor.py``)."""
+    from genrec_jax.serve.engine import Engine
+    from genrec_jax.serve.supervisor import Supervisor
+
+    print(f"serving {run_dir} on http://{args.host}:{args.port} with {cfg.http_workers} HTTP front-end processes "
+          "(ready when GET /readyz is 200; API at /docs)", file=sys.stderr)
+    sup = Supervisor(cfg, lambda: Engine.from_checkpoint(run_dir, overrides), workers=cfg.http_workers,
+                     host=args.host, port=args.port, log_level=args.log_level,
+                     limit_concurrency=args.limit_concurrency)
+    return sup.run()
