@@ -12,13 +12,17 @@ saturation the server should refuse with fast 503s (bounded queue, bounded in-fl
 requests) while admitted requests keep a bounded latency.
 
 The server is started as a subprocess (``python serve.py --checkpoint DIR``) unless --url
-points at a running one. Bounded in count and time: --max-requests per rate, --duration,
-and --timeout per request.
+points at a running one; --server-arg passes serve.py flags through, e.g.
+``--server-arg='--workers 4'`` for the multi-process server (four HTTP front-end processes
+and one engine process; stopping the server's process group stops all of them). Bounded in
+count and time: --max-requests per rate, --duration, and --timeout per request.
 
 Examples:
     python bench/serve_load.py --checkpoint runs/synthetic --rates 100,500,1000,2000,4000
     python bench/serve_load.py --checkpoint /tmp/tiny --rates 25,50,100,200,400 --duration 4 \\
         --set serve.queue_size=32 --json /tmp/serve_load.jsonl          # CPU run
+    python bench/serve_load.py --checkpoint runs/synthetic --rates 1000,2000,4000 --procs 4 \\
+        --server-arg='--workers 4'                                       # HTTP front ends split off
 """
 
 from __future__ import annotations
