@@ -86,6 +86,7 @@ class Supervisor:
         self.deaths = 0  # front ends that exited on their own
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._spawn_args: tuple[int, str, str, str] | None = None  # listener fd, engine socket, config, metrics dir
 
     # ----------------------------------------------------------------- public
 
@@ -117,7 +118,11 @@ class Supervisor:
         listener = None
         server = None
         try:
-            listener = self._bind()
+            try:
+                listener = self._bind()
+            except OSError as e:
+                log.error("cannot listen on %s:%d: %s", self.host, self.port, e)
+                return 1
             self.port = listener.getsockname()[1]
             server = await EngineServer(self.service, str(private / "engine.sock"), frame_limit(self.cfg)).start()
             threading.Thread(target=self.service.start, name="genrec-engine-start", daemon=True).start()
@@ -147,7 +152,7 @@ class Supervisor:
                 listener.close()
             shutil.rmtree(private, ignore_errors=True)
             self.started.set()  # a caller waiting on a failed start wakes up
-        log.info("stopped")
+            log.info("stopped")
         return 0
 
     def _on_signal(self, sig: signal.Signals) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import glob
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -244,6 +245,14 @@ def test_dead_front_end_is_reported_and_replaced(mp, caplog):
     wait_ready(mp.url)
     with httpx.Client(base_url=mp.url, timeout=10) as c:  # new connections: either front end may take them
         assert all(c.get("/healthz").status_code == 200 for _ in range(10))
+
+
+def test_port_in_use_is_refused_without_starting_anything(serve_cfg):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        sup = Supervisor(serve_cfg, lambda: None, workers=2, port=taken.getsockname()[1])
+        assert sup.run() == 1 and sup.front_ends == [] and sup.service.engine is None
 
 
 def test_serve_py_workers_shuts_down_cleanly(tiny_run, tmp_path):
