@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                      daemon=True).start()
     log.info("front end %d serving on %s", os.getpid(), sock.getsockname())
     server.run(sockets=[sock])
+    if os.getppid() != args.parent_pid:  # the supervisor was killed: nobody else removes its directory
+        shutil.rmtree(Path(args.engine_socket).parent, ignore_errors=True)
     return 0
 
 

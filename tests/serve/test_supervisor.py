@@ -10,11 +10,13 @@ the last one runs ``serve.py --workers 2`` as a real process tree.
 import concurrent.futures
 import dataclasses
 import glob
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from genrec_jax.config import ServeConfig
 from genrec_jax.serve.app import create_app
 from genrec_jax.serve.supervisor import Supervisor
 
@@ -253,6 +256,49 @@ def test_port_in_use_is_refused_without_starting_anything(serve_cfg):
         taken.listen()
         sup = Supervisor(serve_cfg, lambda: None, workers=2, port=taken.getsockname()[1])
         assert sup.run() == 1 and sup.front_ends == [] and sup.service.engine is None
+
+
+STAND_IN = """
+import os, socket, subprocess, sys, time
+s = socket.create_server(("127.0.0.1", 0))
+p = subprocess.Popen([sys.executable, "-m", "genrec_jax.serve.frontend", "--fd", str(s.fileno()),
+                      "--engine-socket", sys.argv[1], "--config", sys.argv[2], "--parent-pid", str(os.getpid()),
+                      "--log-level", "warning"], pass_fds=(s.fileno(),))
+print(p.pid, s.getsockname()[1], flush=True)
+time.sleep(60)
+"""
+
+
+def test_front_end_stops_when_its_supervisor_is_killed():
+    """A supervisor killed outright (SIGKILL: no clean-up of its own) leaves no front end
+    running, and its private directory is removed by the front end."""
+    private = Path(tempfile.mkdtemp(prefix="genrec-serve-"))
+    config = private / "serve_config.json"
+    config.write_text(json.dumps(dataclasses.asdict(ServeConfig())))
+    stand_in = subprocess.Popen([sys.executable, "-c", STAND_IN, str(private / "engine.sock"), str(config)],
+                                stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        pid, port = map(int, stand_in.stdout.readline().split())
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        assert alive(pid)
+    finally:
+        stand_in.kill()
+        stand_in.wait(10)
+    for _ in range(100):
+        if not alive(pid):
+            break
+        time.sleep(0.1)
+    assert not alive(pid), "a front end outlived its killed supervisor"
+    for _ in range(50):  # it removes the directory as it exits
+        if not private.exists():
+            break
+        time.sleep(0.1)
+    assert not private.exists()
 
 
 def test_serve_py_workers_shuts_down_cleanly(tiny_run, tmp_path):
