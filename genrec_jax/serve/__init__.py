@@ -8,5 +8,6 @@
     baseline.py      ``NaiveEngine``: every optimisation off (the benchmarks' comparison)
     batcher.py       dynamic batching with a bounded queue and deadlines
     schemas.py, app.py, metrics.py, errors.py   the FastAPI service
+    supervisor.py, frontend.py, ipc.py          multi-process serving: HTTP front ends, one engine process
     cli.py           ``python serve.py``
 """
