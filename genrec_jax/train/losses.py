@@ -41,8 +41,9 @@ def sampled_softmax_loss(user_vecs: jax.Array, item_table: jax.Array, targets: j
     neg_vec = jnp.take(item_table, neg, axis=0).astype(jnp.float32)  # [K, D]
     neg_logit = jnp.einsum("bnd,kd->bnk", u, neg_vec) * scale - (jnp.log(num_negatives) + log_q[neg])
     neg_logit = jnp.where(neg[None, None, :] == targets[..., None], NEG_INF, neg_logit)
-    logits = jnp.concatenate([pos_logit[..., None], neg_logit], axis=-1)
-    ce = -jax.nn.log_softmax(logits, axis=-1)[..., 0]
+    # -log softmax([pos, neg...])[0] without materialising the [B, N, K + 1] concatenation (a
+    # copy of every logit) or reducing over rows of odd length K + 1.
+    ce = jnp.logaddexp(pos_logit, jax.nn.logsumexp(neg_logit, axis=-1)) - pos_logit
     loss = _masked_mean(ce, mask)
     return loss, {"retrieval_loss": loss}
 
