@@ -191,12 +191,22 @@ def refusal_run(url: str, n: int, first: int = 0):
     return pool, [pool.submit(call, first + i) for i in range(n)]
 
 
-def test_full_engine_queue_refuses_quickly(engine, serve_cfg, gated):  # noqa: F811
+def finished_while_blocked(futs, want: int, limit_s: float = 8.0) -> list:
+    """The answers that arrive while the engine is still blocked (the gate closed; it opens
+    by itself after 10 s): wait until ``want`` of the requests have finished, or
+    ``limit_s``. An answer that arrives then did not wait for the engine, however slow the
+    machine running the test is."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end and sum(f.done() for f in futs) < want:
+        time.sleep(0.05)
+    return [f.result() for f in futs if f.done()]
+
+
+def test_full_engine_queue_refuses_without_waiting_for_the_engine(engine, serve_cfg, gated):  # noqa: F811
     run = Running(dataclasses.replace(serve_cfg, queue_size=2, max_inflight=64, timeout_ms=20_000.0), engine)
     try:
         pool, futs = refusal_run(run.url, 12)
-        time.sleep(1.0)  # every request has been accepted or refused by now
-        refused = [f.result() for f in futs if f.done()]
+        early = finished_while_blocked(futs, 6)  # <= 4 in the blocked batch + 2 queued: >= 6 refused
         gated.set()
         results = [f.result(30) for f in futs]
         pool.shutdown()
@@ -204,22 +214,33 @@ def test_full_engine_queue_refuses_quickly(engine, serve_cfg, gated):  # noqa: F
         gated.set()
         run.stop()
     codes = [r.status_code for r, _ in results]
-    assert set(codes) <= {200, 503} and codes.count(503) >= 6, codes  # <= 4 in the batch + 2 queued
-    for r, dt in results:
-        if r.status_code == 503:
-            assert r.json()["error"]["type"] == "queue_full" and r.headers.get("retry-after")
-            assert dt < 1.0, f"a refusal took {dt:.2f}s"
-    assert len(refused) >= codes.count(503), "refusals must not wait for the busy engine"
+    assert set(codes) <= {200, 503} and codes.count(503) >= 6, codes
+    assert len(early) >= 6, "refusals must not wait for the busy engine"
+    for r, _ in early:
+        assert r.status_code == 503 and r.json()["error"]["type"] == "queue_full" and r.headers.get("retry-after")
 
 
-def test_front_end_caps_its_forwarded_requests(engine, serve_cfg, gated):  # noqa: F811
+def test_front_end_caps_its_forwarded_requests(engine, serve_cfg, gated, monkeypatch):  # noqa: F811
+    from genrec_jax.serve.batcher import Batcher
+
+    submitted = []
+    real_submit = Batcher.submit
+
+    def counting_submit(self, payload, timeout_s):
+        submitted.append(payload)
+        return real_submit(self, payload, timeout_s)
+
+    monkeypatch.setattr(Batcher, "submit", counting_submit)
     run = Running(dataclasses.replace(serve_cfg, queue_size=64, max_inflight=3, timeout_ms=20_000.0), engine,
                   workers=1)
     try:
         pool, held = refusal_run(run.url, 3)
-        time.sleep(0.7)  # three requests now wait on the gated engine
+        end = time.monotonic() + 8.0  # the gate opens by itself after 10 s
+        while len(submitted) < 3 and time.monotonic() < end:  # forwarded: the front end's cap is full
+            time.sleep(0.02)
+        assert len(submitted) == 3, "the three held requests did not reach the engine"
         late_pool, late = refusal_run(run.url, 5, first=3)
-        refused = [f.result(5) for f in late]
+        refused = finished_while_blocked(late, 5)
         gated.set()
         done = [f.result(30) for f in held]
         pool.shutdown()
@@ -228,9 +249,9 @@ def test_front_end_caps_its_forwarded_requests(engine, serve_cfg, gated):  # noq
         gated.set()
         run.stop()
     assert [r.status_code for r, _ in done] == [200, 200, 200]
-    for r, dt in refused:
+    assert len(refused) == 5, "the cap's refusals must not wait for the busy engine"
+    for r, _ in refused:
         assert r.status_code == 503 and r.json()["error"]["type"] == "busy", r.text
-        assert dt < 1.0, f"a refusal took {dt:.2f}s"
 
 
 def test_dead_front_end_is_reported_and_replaced(mp, caplog):
