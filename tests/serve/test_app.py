@@ -147,59 +147,79 @@ def gated(engine, monkeypatch):
     gate.set()
 
 
-def test_full_queue_refuses_quickly(engine, serve_cfg, gated):
+def finished_while_blocked(futs, want: int, limit_s: float = 8.0) -> list:
+    """The answers that arrive while the engine is still blocked (the ``gated`` fixture's
+    gate closed; it opens by itself after 10 s): wait until ``want`` of the requests have
+    finished, or ``limit_s``. An answer that arrives then did not wait for the engine,
+    however slow the machine running the test is."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end and sum(f.done() for f in futs) < want:
+        time.sleep(0.02)
+    return [f.result() for f in futs if f.done()]
+
+
+def test_full_queue_refuses_without_waiting_for_the_engine(engine, serve_cfg, gated):
     cfg = dataclasses.replace(serve_cfg, queue_size=2, timeout_ms=20_000.0)
     with TestClient(create_app(cfg, engine)) as c:
         wait_ready(c)
 
         def call(i):
-            t0 = time.perf_counter()
-            r = c.post("/v1/recommend", json={"history": events([f"i{i + 1}"]), "k": 3})
-            return r, time.perf_counter() - t0
+            return c.post("/v1/recommend", json={"history": events([f"i{i + 1}"]), "k": 3})
 
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             futs = [pool.submit(call, i) for i in range(12)]
-            time.sleep(0.5)  # every request has been accepted or refused by now
-            refused = [f.result() for f in futs if f.done()]
+            early = finished_while_blocked(futs, 6)  # <= 4 in the blocked batch + 2 queued: >= 6 refused
             gated.set()
             results = [f.result(30) for f in futs]
-    codes = [r.status_code for r, _ in results]
-    assert set(codes) <= {200, 503} and codes.count(503) >= 6, codes  # <= 4 in the batch + 2 queued
-    for r, dt in results:
-        if r.status_code == 503:
-            assert r.json()["error"]["type"] == "queue_full" and r.headers.get("retry-after")
-            assert dt < 1.0, f"a refusal took {dt:.2f}s"
-    assert len(refused) >= codes.count(503), "refusals must not wait for the busy engine"
+    codes = [r.status_code for r in results]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 6, codes
+    assert len(early) >= 6, "refusals must not wait for the busy engine"
+    for r in early:
+        assert r.status_code == 503 and r.json()["error"]["type"] == "queue_full" and r.headers.get("retry-after")
 
 
-def test_inflight_cap_refuses_before_parsing(engine, serve_cfg, gated):
+def test_inflight_cap_refuses_before_parsing(engine, serve_cfg, gated, monkeypatch):
     """serve.max_inflight: past that many unanswered model requests the app answers 503
-    ("busy") at once, without reading the body, and lets the others finish."""
+    ("busy") without reading the body, while the engine is still busy, and lets the others
+    finish."""
+    from genrec_jax.serve.batcher import Batcher
+
+    submitted = []
+    real_submit = Batcher.submit
+
+    def counting_submit(self, payload, timeout_s):
+        submitted.append(payload)
+        return real_submit(self, payload, timeout_s)
+
+    monkeypatch.setattr(Batcher, "submit", counting_submit)
     cfg = dataclasses.replace(serve_cfg, queue_size=64, max_inflight=3, timeout_ms=20_000.0)
     with TestClient(create_app(cfg, engine)) as c:
         wait_ready(c)
 
         def call(i):
-            t0 = time.perf_counter()
             body = b"{not json" if i >= 6 else None  # refused before the parser would see it
             if body is None:
                 r = c.post("/v1/recommend", json={"history": events([f"i{i + 1}"]), "k": 3})
             else:
                 r = c.post("/v1/recommend", content=body, headers={"content-type": "application/json"})
-            return i, r, time.perf_counter() - t0
+            return i, r
 
         with concurrent.futures.ThreadPoolExecutor(10) as pool:
             held = [pool.submit(call, i) for i in range(3)]
-            time.sleep(0.5)  # three requests now wait on the gated engine
+            end = time.monotonic() + 8.0  # the gate opens by itself after 10 s
+            while len(submitted) < 3 and time.monotonic() < end:  # admitted: the cap is full
+                time.sleep(0.02)
+            assert len(submitted) == 3, "the three held requests did not reach the batcher"
             late = [pool.submit(call, i) for i in range(3, 10)]
-            refused = [f.result(5) for f in late]
+            refused = finished_while_blocked(late, len(late))
             gated.set()
             done = [f.result(30) for f in held]
         assert c.get("/healthz").status_code == 200
-    assert [r.status_code for _, r, _ in done] == [200, 200, 200]
-    for i, r, dt in refused:
+    assert [r.status_code for _, r in done] == [200, 200, 200]
+    assert len(refused) == 7, "the cap's refusals must not wait for the busy engine"
+    for i, r in refused:
         assert r.status_code == 503 and r.json()["error"]["type"] == "busy", (i, r.text)
-        assert r.headers.get("retry-after") and dt < 1.0, dt
+        assert r.headers.get("retry-after")
 
 
 def test_deadline_exceeded_is_504(client, gated):

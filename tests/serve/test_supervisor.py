@@ -30,7 +30,7 @@ from genrec_jax.serve.app import create_app
 from genrec_jax.serve.supervisor import Supervisor
 
 from .conftest import SERVE_OVERRIDES, events
-from .test_app import MALFORMED, gated  # noqa: F401 -- gated is a fixture
+from .test_app import MALFORMED, finished_while_blocked, gated  # noqa: F401 -- gated is a fixture
 from .test_cli import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -189,17 +189,6 @@ def refusal_run(url: str, n: int, first: int = 0):
 
     pool = concurrent.futures.ThreadPoolExecutor(n)
     return pool, [pool.submit(call, first + i) for i in range(n)]
-
-
-def finished_while_blocked(futs, want: int, limit_s: float = 8.0) -> list:
-    """The answers that arrive while the engine is still blocked (the gate closed; it opens
-    by itself after 10 s): wait until ``want`` of the requests have finished, or
-    ``limit_s``. An answer that arrives then did not wait for the engine, however slow the
-    machine running the test is."""
-    end = time.monotonic() + limit_s
-    while time.monotonic() < end and sum(f.done() for f in futs) < want:
-        time.sleep(0.05)
-    return [f.result() for f in futs if f.done()]
 
 
 def test_full_engine_queue_refuses_without_waiting_for_the_engine(engine, serve_cfg, gated):  # noqa: F811
