@@ -147,6 +147,31 @@ def gated(engine, monkeypatch):
     gate.set()
 
 
+@pytest.fixture
+def submitted(monkeypatch):
+    """Every job handed to a Batcher in this process, in order (how a test knows requests
+    were admitted without waiting a fixed time)."""
+    from genrec_jax.serve.batcher import Batcher
+
+    jobs = []
+    real_submit = Batcher.submit
+
+    def counting_submit(self, payload, timeout_s):
+        jobs.append(payload)
+        return real_submit(self, payload, timeout_s)
+
+    monkeypatch.setattr(Batcher, "submit", counting_submit)
+    return jobs
+
+
+def wait_submitted(jobs: list, n: int, limit_s: float = 8.0) -> None:
+    """Wait until ``n`` jobs reached the batcher (under the ``gated`` fixture's 10 s)."""
+    end = time.monotonic() + limit_s
+    while len(jobs) < n and time.monotonic() < end:
+        time.sleep(0.02)
+    assert len(jobs) == n, f"{len(jobs)} of {n} held requests reached the batcher"
+
+
 def finished_while_blocked(futs, want: int, limit_s: float = 8.0) -> list:
     """The answers that arrive while the engine is still blocked (the ``gated`` fixture's
     gate closed; it opens by itself after 10 s): wait until ``want`` of the requests have
@@ -178,20 +203,10 @@ def test_full_queue_refuses_without_waiting_for_the_engine(engine, serve_cfg, ga
         assert r.status_code == 503 and r.json()["error"]["type"] == "queue_full" and r.headers.get("retry-after")
 
 
-def test_inflight_cap_refuses_before_parsing(engine, serve_cfg, gated, monkeypatch):
+def test_inflight_cap_refuses_before_parsing(engine, serve_cfg, gated, submitted):
     """serve.max_inflight: past that many unanswered model requests the app answers 503
     ("busy") without reading the body, while the engine is still busy, and lets the others
     finish."""
-    from genrec_jax.serve.batcher import Batcher
-
-    submitted = []
-    real_submit = Batcher.submit
-
-    def counting_submit(self, payload, timeout_s):
-        submitted.append(payload)
-        return real_submit(self, payload, timeout_s)
-
-    monkeypatch.setattr(Batcher, "submit", counting_submit)
     cfg = dataclasses.replace(serve_cfg, queue_size=64, max_inflight=3, timeout_ms=20_000.0)
     with TestClient(create_app(cfg, engine)) as c:
         wait_ready(c)
@@ -206,10 +221,7 @@ def test_inflight_cap_refuses_before_parsing(engine, serve_cfg, gated, monkeypat
 
         with concurrent.futures.ThreadPoolExecutor(10) as pool:
             held = [pool.submit(call, i) for i in range(3)]
-            end = time.monotonic() + 8.0  # the gate opens by itself after 10 s
-            while len(submitted) < 3 and time.monotonic() < end:  # admitted: the cap is full
-                time.sleep(0.02)
-            assert len(submitted) == 3, "the three held requests did not reach the batcher"
+            wait_submitted(submitted, 3)  # admitted: the cap is full
             late = [pool.submit(call, i) for i in range(3, 10)]
             refused = finished_while_blocked(late, len(late))
             gated.set()

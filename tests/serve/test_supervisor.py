@@ -30,7 +30,7 @@ from genrec_jax.serve.app import create_app
 from genrec_jax.serve.supervisor import Supervisor
 
 from .conftest import SERVE_OVERRIDES, events
-from .test_app import MALFORMED, finished_while_blocked, gated  # noqa: F401 -- gated is a fixture
+from .test_app import MALFORMED, finished_while_blocked, gated, submitted, wait_submitted  # noqa: F401 -- fixtures
 from .test_cli import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,25 +209,12 @@ def test_full_engine_queue_refuses_without_waiting_for_the_engine(engine, serve_
         assert r.status_code == 503 and r.json()["error"]["type"] == "queue_full" and r.headers.get("retry-after")
 
 
-def test_front_end_caps_its_forwarded_requests(engine, serve_cfg, gated, monkeypatch):  # noqa: F811
-    from genrec_jax.serve.batcher import Batcher
-
-    submitted = []
-    real_submit = Batcher.submit
-
-    def counting_submit(self, payload, timeout_s):
-        submitted.append(payload)
-        return real_submit(self, payload, timeout_s)
-
-    monkeypatch.setattr(Batcher, "submit", counting_submit)
+def test_front_end_caps_its_forwarded_requests(engine, serve_cfg, gated, submitted):  # noqa: F811
     run = Running(dataclasses.replace(serve_cfg, queue_size=64, max_inflight=3, timeout_ms=20_000.0), engine,
                   workers=1)
     try:
         pool, held = refusal_run(run.url, 3)
-        end = time.monotonic() + 8.0  # the gate opens by itself after 10 s
-        while len(submitted) < 3 and time.monotonic() < end:  # forwarded: the front end's cap is full
-            time.sleep(0.02)
-        assert len(submitted) == 3, "the three held requests did not reach the engine"
+        wait_submitted(submitted, 3)  # forwarded: the front end's cap is full
         late_pool, late = refusal_run(run.url, 5, first=3)
         refused = finished_while_blocked(late, 5)
         gated.set()
