@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check every Triton kernel on a CUDA GPU against float64 references.
 
-    python bench/gpu_check.py [--json rows.json] [--only attention,configs,jagged,torch,cached,interaction]
+    python bench/gpu_check.py [--json rows.json] [--only attention,configs,jagged,torch,cached,interaction,reference,sharded]
 
 For each kernel (HSTU attention forward, backward — dQ, dK, dV, d pos_bias, d time_bias —,
 jagged, M-FALCON targets, cached/decode; interaction forward and backward) and several
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.common import write_rows  # noqa: E402
 
-ALL_GROUPS = ("attention", "configs", "jagged", "torch", "cached", "interaction", "reference")
+ALL_GROUPS = ("attention", "configs", "jagged", "torch", "cached", "interaction", "reference", "sharded")
 
 # --interpret (development only): the same checks through the CPU interpreter, shapes capped.
 MODE = {"main": "jax_triton", "small": False}
@@ -381,6 +381,88 @@ def run_interaction(R, I, modes=None):
             R.run("interaction", "pairwise_interaction", name, dtype, mode, checks)
 
 
+# --------------------------------------------------------------------------- sharded
+
+
+def run_sharded(R, A, I):
+    """The dispatching ops (backend="triton") inside a sharded jit over every GPU present: the
+    kernels run once per shard (``genrec_jax.sharding.per_shard``) and forward and gradients
+    still equal the float64 oracle on the whole batch."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from genrec_jax.config import MeshConfig
+    from genrec_jax.ops.hstu_attention import hstu_attention
+    from genrec_jax.ops.interaction import pairwise_interaction
+    from genrec_jax.sharding import make_mesh
+
+    n_dev = len(jax.devices())
+    if n_dev < 2:
+        print("sharded: one device visible, nothing to shard (run on a machine with several GPUs)", flush=True)
+        return
+    meshes = {f"data={n_dev}": (MeshConfig(data=n_dev), P("data", None, None, None)),
+              f"tensor={n_dev}": (MeshConfig(data=1, tensor=n_dev), P(None, None, "tensor", None))}
+    for dtype in ("float32", "bfloat16"):
+        for name, (mcfg, spec) in meshes.items():
+            def checks(dtype=dtype, mcfg=mcfg, spec=spec):
+                mesh = make_mesh(mcfg)
+                b, n, h, d = 2 * n_dev, cap(200, 24), 2 * n_dev, cap(64, 16)
+                rng = np.random.default_rng(seed("sharded", dtype, str(mcfg)))
+                p = A.make_problem(rng, b, n, h, d, d, targets=True)
+                args = A.problem_args(p, dtype)
+                sh = NamedSharding(mesh, spec)
+                args[:3] = [jax.device_put(x, sh) for x in args[:3]]
+                cot = rng.standard_normal((b, n, h, d)).astype(np.float32)
+
+                def loss(q, k, v, pos, tb):
+                    out = hstu_attention(q, k, v, args[3], max_len=n, norm="causal_count", num_targets=args[4],
+                                         pos_bias=pos, time_bias=tb, timestamps=args[7], query_timestamps=args[8],
+                                         backend="triton")
+                    return jnp.sum(out.astype(jnp.float32) * cot), out
+
+                with jax.set_mesh(mesh):
+                    (_, out), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
+                        *args[:3], args[5], args[6])
+                cast = {k: np.asarray(jnp.asarray(p[k]).astype(dtype).astype(jnp.float32)) for k in "qkv"}
+                cot_seen = np.asarray(jnp.asarray(cot).astype(dtype).astype(jnp.float32))
+                want, want_g = A.oracle(cast["q"], cast["k"], cast["v"], A.problem_terms(p, n), p["pos_bias"],
+                                        p["time_bias"], alpha=1 / math.sqrt(d), norm="causal_count", max_len=n,
+                                        cotangent=cot_seen)
+                tol = A.tolerance(dtype)
+                rows = [("out", err_of(out, want), tol)]
+                rows += [(f"d{k}", err_of(gk, wk), tol) for k, gk, wk in zip(("q", "k", "v", "pos_bias", "time_bias"),
+                                                                            g, want_g)]
+                return rows
+
+            R.run("sharded", "hstu_attention", f"{name} B{2 * n_dev} N{cap(200, 24)} H{2 * n_dev} D{cap(64, 16)} rab targets", dtype,
+                  MODE["main"], checks)
+
+        def inter_checks(dtype=dtype):
+            mesh = make_mesh(MeshConfig(data=n_dev))
+            rng = np.random.default_rng(seed("sharded-interaction", dtype))
+            x, dense = I._inputs(rng, cap(64, 4) * n_dev, cap(50, 12), cap(128, 16), 13, getattr(jnp, dtype))
+            sh = NamedSharding(mesh, P("data", None, None))
+            xj = jax.device_put(jnp.asarray(x).astype(dtype), sh)
+            dj = jax.device_put(jnp.asarray(dense).astype(dtype), NamedSharding(mesh, P("data", None)))
+            f = x.shape[1]
+            cot = rng.standard_normal((x.shape[0], 13 + f * (f - 1) // 2)).astype(np.float32)
+
+            def loss(a, c):
+                out = pairwise_interaction(a, c, backend="triton")
+                return jnp.sum(out.astype(jnp.float32) * cot), out
+
+            with jax.set_mesh(mesh):
+                (_, out), (dx, dd) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(xj, dj)
+            want_dx, want_dd = I.grads64(x, dense, np.asarray(jnp.asarray(cot).astype(dtype).astype(jnp.float32)))
+            tol = 1e-5 if dtype == "float32" else 1e-2
+            return [("out", err_of(out, I.loop64(x, dense)), tol), ("dx", err_of(dx, want_dx), tol),
+                    ("ddense", err_of(dd, want_dd), tol)]
+
+        R.run("sharded", "pairwise_interaction", f"data={n_dev} B{cap(64, 4) * n_dev} F{cap(50, 12)} D{cap(128, 16)} Dd13", dtype, MODE["main"],
+              inter_checks)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -428,6 +510,8 @@ def main(argv=None) -> int:
         run_cached(R, A)
     if "interaction" in groups:
         run_interaction(R, I)
+    if "sharded" in groups and not args.interpret:
+        run_sharded(R, A, I)
     if "torch" in groups and not args.interpret:
         if have_torch:
             run_attention(R, A, modes=("torch",), cases=ATTN_CASES[:3])

@@ -12,6 +12,7 @@ divide evenly stays replicated, so every preset runs on any mesh shape.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -125,15 +126,63 @@ def named(mesh: Mesh, specs: Any) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
 
 
-def batch_spec(mesh: Mesh, ndim: int, batch_size: int | None = None) -> P:
-    """Split the leading (batch) dimension over the data-parallel axes."""
-    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+def _spec_entry(axes: list[str] | tuple[str, ...]) -> Any:
+    return None if not axes else (axes[0] if len(axes) == 1 else tuple(axes))
+
+
+def batch_axes(sizes: dict[str, int], batch_size: int | None = None) -> tuple[str, ...]:
+    """The data-parallel mesh axes (of size > 1) the batch dimension is split over: the
+    longest prefix of ``LOGICAL_RULES["batch"]`` whose product divides ``batch_size``."""
     axes = [a for a in LOGICAL_RULES["batch"] if sizes.get(a, 1) > 1]
     if batch_size is not None:
         while axes and batch_size % math.prod(sizes[a] for a in axes):
             axes.pop()
-    lead = None if not axes else (axes[0] if len(axes) == 1 else tuple(axes))
-    return P(lead, *([None] * (ndim - 1)))
+    return tuple(axes)
+
+
+def batch_spec(mesh: Mesh, ndim: int, batch_size: int | None = None) -> P:
+    """Split the leading (batch) dimension over the data-parallel axes."""
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    return P(_spec_entry(batch_axes(sizes, batch_size)), *([None] * (ndim - 1)))
+
+
+def per_shard(fn: Callable, arrays: dict[str, jax.Array | None], dims: dict[str, tuple[str | None, ...]],
+              out_dims: tuple) -> Any:
+    """Run ``fn(**arrays)`` once per shard of the mesh being traced under (``jax.set_mesh``).
+
+    For ops that XLA cannot split itself: a Triton kernel is an opaque custom call, so under
+    a sharded ``jit`` XLA would gather its operands onto every device and run the whole
+    batch there. ``dims`` names each array dimension ``"batch"``, ``"heads"`` or None
+    (replicated); ``out_dims`` does the same for the output (a tuple of such tuples when
+    ``fn`` returns a tuple). The batch is split over the
+    data-parallel axes that divide it, heads over ``tensor`` when it divides them; the op
+    must act on every batch row and head independently (attention, interaction). With no
+    mesh, a one-device mesh, or nothing to split, ``fn`` runs as is. None entries of
+    ``arrays`` are passed through as None.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(**arrays)
+    sizes = dict(mesh.shape)
+    present = {k: v for k, v in arrays.items() if v is not None}
+    batch = next(v.shape[dims[k].index("batch")] for k, v in present.items() if "batch" in dims[k])
+    heads = next((v.shape[dims[k].index("heads")] for k, v in present.items() if "heads" in dims[k]), None)
+    split = {"batch": _spec_entry(batch_axes(sizes, batch))}
+    t = sizes.get("tensor", 1)
+    split["heads"] = "tensor" if t > 1 and heads is not None and heads % t == 0 else None
+    if split["batch"] is None and split["heads"] is None:
+        return fn(**arrays)
+
+    def spec(names):
+        if names and isinstance(names[0], tuple):  # several outputs
+            return tuple(spec(x) for x in names)
+        return P(*(split.get(n) if n else None for n in names))
+
+    def body(local):
+        return fn(**{**arrays, **local})
+
+    in_specs = ({k: spec(dims[k]) for k in present},)
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=spec(out_dims), check_vma=False)(present)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

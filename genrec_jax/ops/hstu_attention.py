@@ -294,8 +294,24 @@ def hstu_attention(
     )
     if resolve_backend(backend) == "triton":
         from genrec_jax.kernels.hstu_attention import hstu_attention_triton
+        from genrec_jax.sharding import per_shard
 
-        return hstu_attention_triton(q, k, v, lengths, **kwargs)
+        # The kernel is opaque to XLA's partitioner: under a sharded jit, run it per shard
+        # (batch rows over the data-parallel axes, heads over tensor).
+        def call(q, k, v, lengths, num_targets, pos_bias, time_bias, timestamps, query_timestamps):
+            return hstu_attention_triton(
+                q, k, v, lengths, alpha=alpha, max_len=max_len, norm=norm, num_targets=num_targets,
+                pos_bias=pos_bias, time_bias=time_bias, timestamps=timestamps, query_timestamps=query_timestamps)
+
+        rows, seqs, heads = ("batch",), ("batch", None), ("batch", None, "heads", None)
+        return per_shard(
+            call,
+            dict(q=q, k=k, v=v, lengths=lengths, num_targets=num_targets, pos_bias=pos_bias, time_bias=time_bias,
+                 timestamps=timestamps, query_timestamps=query_timestamps),
+            dict(q=heads, k=heads, v=heads, lengths=rows, num_targets=rows, pos_bias=(None,), time_bias=(None,),
+                 timestamps=seqs, query_timestamps=seqs),
+            heads,
+        )
     return hstu_attention_reference(q, k, v, lengths, **kwargs)
 
 
@@ -339,11 +355,25 @@ def hstu_attention_cached(
         q_pos = jnp.minimum(q_pos, hist_lengths[:, None])
     if resolve_backend(backend) == "triton":
         from genrec_jax.kernels.hstu_attention import hstu_attention_cached_triton
+        from genrec_jax.sharding import per_shard
 
-        return hstu_attention_cached_triton(
-            q, k_cache, v_cache, q_positions, kv_lengths, alpha=alpha, max_len=max_len, norm=norm,
-            hist_lengths=hist_lengths, pos_bias=pos_bias, time_bias=time_bias,
-            k_timestamps=k_timestamps, q_timestamps=q_timestamps,
+        def call(q, k_cache, v_cache, q_positions, kv_lengths, hist_lengths, pos_bias, time_bias, k_timestamps,
+                 q_timestamps):
+            return hstu_attention_cached_triton(
+                q, k_cache, v_cache, q_positions, kv_lengths, alpha=alpha, max_len=max_len, norm=norm,
+                hist_lengths=hist_lengths, pos_bias=pos_bias, time_bias=time_bias,
+                k_timestamps=k_timestamps, q_timestamps=q_timestamps,
+            )
+
+        rows, seqs, heads = ("batch",), ("batch", None), ("batch", None, "heads", None)
+        return per_shard(
+            call,
+            dict(q=q, k_cache=k_cache, v_cache=v_cache, q_positions=q_positions, kv_lengths=kv_lengths,
+                 hist_lengths=hist_lengths, pos_bias=pos_bias, time_bias=time_bias, k_timestamps=k_timestamps,
+                 q_timestamps=q_timestamps),
+            dict(q=heads, k_cache=heads, v_cache=heads, q_positions=seqs, kv_lengths=rows, hist_lengths=rows,
+                 pos_bias=(None,), time_bias=(None,), k_timestamps=seqs, q_timestamps=seqs),
+            heads,
         )
     bias = relative_bias(q_pos, k_pos, pos_bias, q_timestamps, k_timestamps, time_bias)
     return hstu_attention_dense(q, k_cache, v_cache, mask, bias, alpha=alpha, norm=norm, max_len=max_len)

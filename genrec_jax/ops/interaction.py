@@ -32,6 +32,9 @@ def pairwise_interaction(x: jax.Array, dense: jax.Array | None = None, *, backen
     """x [B, F, D], dense [B, Dd] or None -> [B, Dd + F(F-1)/2]; differentiable either way."""
     if resolve_backend(backend, op="interaction") == "triton":
         from genrec_jax.kernels.interaction import interaction_triton
+        from genrec_jax.sharding import per_shard
 
-        return interaction_triton(x, dense)
+        # Opaque to XLA's partitioner: run per batch shard under a sharded jit.
+        return per_shard(lambda x, dense: interaction_triton(x, dense), dict(x=x, dense=dense),
+                         dict(x=("batch", None, None), dense=("batch", None)), ("batch", None))
     return pairwise_interaction_reference(x, dense)

@@ -250,7 +250,9 @@ class StepBuilder:
             sh = self.state_shardings(jax.eval_shape(lambda: state))
             repl = NamedSharding(self.mesh, P())
             self._train_step = jax.jit(step, in_shardings=(sh, None), out_shardings=(sh, repl), donate_argnums=0)
-        return self._train_step(state, batch)
+        # Traced under the mesh so that the Triton kernels run per shard (sharding.per_shard).
+        with jax.set_mesh(self.mesh):
+            return self._train_step(state, batch)
 
     # ----------------------------------------------------------------- eval step
 
@@ -278,4 +280,5 @@ class StepBuilder:
             self._eval_step[key] = jax.jit(fn)
         if hist is None:
             hist = jnp.zeros((batch["items"].shape[0], 1), jnp.int32)
-        return self._eval_step[key](params, batch, hist)
+        with jax.set_mesh(self.mesh):
+            return self._eval_step[key](params, batch, hist)
