@@ -58,21 +58,21 @@ class MoEFFN(nnx.Module):
                         (e, f, embed_dim), ("exp", "mlp", "embed"))
         self.b2 = param(rngs, nnx.initializers.zeros, (e, embed_dim), ("exp", "embed"))
 
-    def route(self, x: jax.Array):
+    def route(self, x: jax.Array, router: jax.Array | None = None):
         """Router logits [T, E], chosen experts [T, k] and their gates [T, k]."""
-        logits = jnp.dot(x.astype(jnp.float32), self.router[...])
+        logits = jnp.dot(x.astype(jnp.float32), self.router[...] if router is None else router)
         probs = jax.nn.softmax(logits, axis=-1)
         top_p, top_e = jax.lax.top_k(probs, self.cfg.top_k)
         gates = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
         return logits, probs, top_e, gates
 
-    def _experts_dense(self, x, top_e, gates):
-        h = jnp.einsum("td,edf->tef", x, self.w1[...].astype(self.dtype)) + self.b1[...].astype(self.dtype)
-        y = jnp.einsum("tef,efd->ted", jax.nn.gelu(h), self.w2[...].astype(self.dtype)) + self.b2[...].astype(self.dtype)
+    def _experts_dense(self, x, top_e, gates, w1, b1, w2, b2):
+        h = jnp.einsum("td,edf->tef", x, w1) + b1
+        y = jnp.einsum("tef,efd->ted", jax.nn.gelu(h), w2) + b2
         combine = jnp.sum(jax.nn.one_hot(top_e, self.cfg.num_experts, dtype=gates.dtype) * gates[..., None], axis=1)
         return jnp.einsum("ted,te->td", y, combine.astype(y.dtype))
 
-    def _experts_dropless(self, x, top_e, gates):
+    def _experts_dropless(self, x, top_e, gates, w1, b1, w2, b2):
         t, k = top_e.shape
         e = self.cfg.num_experts
         flat_e = top_e.reshape(-1)  # [T*k], copy c of token c // k
@@ -83,17 +83,17 @@ class MoEFFN(nnx.Module):
         xs = jnp.repeat(x, k, axis=0).at[order].get(unique_indices=True)  # [T*k, D]
         sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
         es = jax.nn.one_hot(flat_e[order], e, dtype=self.dtype)  # [T*k, E] expert of each row
-        h = jax.lax.ragged_dot(xs, self.w1[...].astype(self.dtype), sizes) + es @ self.b1[...].astype(self.dtype)
-        y = jax.lax.ragged_dot(jax.nn.gelu(h), self.w2[...].astype(self.dtype), sizes)
-        y = y + es @ self.b2[...].astype(self.dtype)
+        h = jax.lax.ragged_dot(xs, w1, sizes) + es @ b1
+        y = jax.lax.ragged_dot(jax.nn.gelu(h), w2, sizes)
+        y = y + es @ b2
         y = y * gates.reshape(-1).at[order].get(unique_indices=True).astype(y.dtype)[:, None]
         inverse = jnp.argsort(order)  # copy -> its row in the sorted order
         return y.at[inverse].get(unique_indices=True).reshape(t, k, -1).sum(axis=1)
 
-    def _experts_blocked(self, x, top_e, gates):
+    def _experts_blocked(self, x, top_e, gates, w1, b1, w2, b2):
         t, k = top_e.shape
         if not isinstance(t, int):  # symbolic batch (shape-polymorphic export): no static block count
-            return self._experts_dense(x, top_e, gates)
+            return self._experts_dense(x, top_e, gates, w1, b1, w2, b2)
         e, d = self.cfg.num_experts, x.shape[-1]
         n = t * k
         m = block_rows(n, e, self.cfg.block_size)
@@ -122,12 +122,39 @@ class MoEFFN(nnx.Module):
 
         if self.cfg.remat_blocks:  # keep only the inputs for the backward pass, not the copies
             blocks = jax.checkpoint(blocks)
-        dt = self.dtype
-        y = blocks(xp, oh, self.w1[...].astype(dt), self.b1[...].astype(dt), self.w2[...].astype(dt),
-                   self.b2[...].astype(dt))
+        y = blocks(xp, oh, w1, b1, w2, b2)
         y = y.reshape(tiles * m, d).at[row].get(unique_indices=True)  # [n, D] in copy order
         y = y * gates.reshape(-1).astype(y.dtype)[:, None]
         return y.reshape(t, k, d).sum(axis=1)
+
+    def _routed(self, fn, x):
+        """Route the tokens and run ``fn`` (one of the routings) on their copies; returns
+        (y, router logits, probabilities, chosen experts).
+
+        Top-k and the sort of the copies by expert are global operations that XLA's
+        partitioner does not split over a sharded token axis: it would gather every token
+        onto every device and run all of them there. Under a mesh whose expert and tensor
+        axes are 1 (data / fsdp parallel) routing is per token, so each shard routes its own
+        tokens (``sharding.per_shard``); the weights are gathered as FSDP gathers them
+        anyway, and their gradients summed. With experts or hidden units split over devices
+        the global form stays, and XLA places it."""
+        dt = self.dtype
+        w = dict(router=self.router[...], w1=self.w1[...].astype(dt), b1=self.b1[...].astype(dt),
+                 w2=self.w2[...].astype(dt), b2=self.b2[...].astype(dt))
+
+        def local(x, router, **w):
+            logits, probs, top_e, gates = self.route(x, router)
+            return fn(x, top_e, gates, **w), logits, probs, top_e
+
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.shape.get("expert", 1) > 1 or mesh.shape.get("tensor", 1) > 1:
+            return local(x, **w)
+        from genrec_jax.sharding import per_shard
+
+        tok = ("batch", None)
+        return per_shard(local, dict(x=x, **w),
+                         dict(x=tok, router=(None,) * 2, w1=(None,) * 3, b1=(None,) * 2, w2=(None,) * 3,
+                              b2=(None,) * 2), (tok,) * 4)
 
     def __call__(self, x: jax.Array, valid: jax.Array | None = None, key: jax.Array | None = None,
                  routing: str | None = None):
@@ -135,13 +162,12 @@ class MoEFFN(nnx.Module):
         from the balance statistics)."""
         shape = x.shape
         xt = x.reshape(-1, shape[-1]).astype(self.dtype)
-        logits, probs, top_e, gates = self.route(xt)
         mode = routing or self.routing
         if mode not in _ROUTINGS:
             raise ValueError(f"moe.routing: unknown routing {mode!r}; expected one of {sorted(_ROUTINGS)}")
         if mode == "dropless" and not HAS_RAGGED_DOT:
             raise ValueError("moe.routing: 'dropless' needs jax.lax.ragged_dot, which this JAX lacks; use 'blocked'")
-        y = getattr(self, _ROUTINGS[mode])(xt, top_e, gates)
+        y, logits, probs, top_e = self._routed(getattr(self, _ROUTINGS[mode]), xt)
         m = jnp.ones(xt.shape[0], jnp.float32) if valid is None else valid.reshape(-1).astype(jnp.float32)
         denom = jnp.maximum(jnp.sum(m), 1.0)
         e = self.cfg.num_experts
