@@ -10,8 +10,11 @@ device (override with --peak-tflops). Tokens are valid (non-padding) tokens; bat
 full-length so every step does the same work.
 
 --attention xla,triton times the same step with each attention backend and prints the
-ratio; --scaling times a data-parallel mesh on 1 device and on all devices and prints the
-per-device efficiency (tokens/s per device on N devices / tokens/s on one).
+ratio; --scaling also times the step on all devices, once per layout in --layouts (``data``:
+plain data parallel; ``fsdp``: data parallel with parameters and optimizer state sharded),
+and prints the per-device efficiency = (tokens/s on N devices / N) / tokens/s on one. The
+scaling is weak: each device keeps the config's batch (the global batch is N x batch_size),
+which is how a job grows onto more GPUs; --strong keeps the global batch instead.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np  # noqa: E402
 
 from genrec_jax.config import MeshConfig, load_config, preset_path  # noqa: E402
 from genrec_jax.planning import flops_per_token  # noqa: E402
+from genrec_jax.sharding import parse_mesh_arg  # noqa: E402
 
 
 def measure_peak_tflops(dtype=jnp.bfloat16, n: int = 8192, reps: int = 10) -> float:
@@ -108,12 +112,28 @@ def time_config(cfg, devices, steps: int, warmup: int, profile: str | None = Non
             "peak_mem_gib": None if peak_mem is None else peak_mem / 2**30, "devices": len(devices)}
 
 
+def layout_mesh(name: str, n: int) -> MeshConfig:
+    """'data' / 'fsdp' (all n devices on that axis) or 'axis=size+axis=size'."""
+    if name in ("data", "fsdp"):
+        return MeshConfig(**{"data": 1, name: n})
+    sizes = dict(data=1, fsdp=1, tensor=1, expert=1)
+    sizes.update(parse_mesh_arg(name.replace("+", ",")))
+    return MeshConfig(**sizes)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(preset_path("base")))
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--attention", default="xla", help="comma list of backends to time: xla,triton")
-    p.add_argument("--scaling", action="store_true", help="also time data parallel on all devices")
+    p.add_argument("--scaling", action="store_true", help="also time the step on all devices (see --layouts)")
+    p.add_argument("--layouts", default="data,fsdp",
+                   help="comma list of multi-device layouts for --scaling: data, fsdp, or axis=size pairs "
+                        "joined by '+' (e.g. data=2+expert=2)")
+    p.add_argument("--no-single", action="store_true",
+                   help="with --scaling: skip the one-device baseline (e.g. when comparing XLA/NCCL flags)")
+    p.add_argument("--strong", action="store_true",
+                   help="--scaling keeps the global batch (default: batch_size per device)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="skip the matmul measurement")
@@ -129,15 +149,21 @@ def main(argv=None) -> int:
     for backend in args.attention.split(","):
         cfg = load_config(args.config, [*args.overrides, f"model.attention_backend={backend}"])
         fpt = 3 * flops_per_token(cfg, cfg.data.synthetic.num_items)
-        layouts = [[devices[0]]] + ([devices] if args.scaling and len(devices) > 1 else [])
-        for devs in layouts:
-            cfg.mesh = MeshConfig(data=len(devs))
-            prof = None if not args.profile else str(Path(args.profile) / f"{backend}-{len(devs)}dev")
+        layouts = [] if args.no_single else [("single", [devices[0]], MeshConfig(data=1))]
+        if args.scaling and len(devices) > 1:
+            layouts += [(name, devices, layout_mesh(name, len(devices))) for name in args.layouts.split(",")]
+        per_device_batch = cfg.data.batch_size
+        for name, devs, mesh_cfg in layouts:
+            cfg.mesh = mesh_cfg
+            cfg.data.batch_size = per_device_batch * (1 if args.strong else len(devs))
+            prof = None if not args.profile else str(Path(args.profile) / f"{backend}-{name}-{len(devs)}dev")
             try:
                 r = time_config(cfg, devs, args.steps, args.warmup, prof)
             except RuntimeError as e:  # e.g. triton requested without a GPU
                 print(f"{backend}: {e}")
                 continue
+            r.update(layout=name, mesh=",".join(f"{k}={v}" for k, v in vars(mesh_cfg).items() if v != 1),
+                     global_batch=cfg.data.batch_size)
             r.update(backend=backend, config=Path(args.config).stem, device=devices[0].device_kind,
                      flops_per_token=fpt, peak_tflops_measured=peak,
                      mfu=fpt * r["tokens_per_s"] / (peak * 1e12 * r["devices"]))
@@ -148,13 +174,15 @@ def main(argv=None) -> int:
                 profile_rows += [{"bench": "profile", "backend": backend, "devices": len(devs), **x} for x in summary]
     if not rows:
         return 1
-    head = f"{'backend':<8}{'devices':>8}{'step ms':>10}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'compile s':>10}"
+    head = (f"{'backend':<8}{'layout':<16}{'devices':>8}{'batch':>7}{'step ms':>10}{'tokens/s':>12}{'MFU':>8}"
+            f"{'peak GiB':>10}{'compile s':>10}")
     print(f"\n{rows[0]['config']} on {rows[0]['device']} (measured matmul peak {peak:.1f} TFLOP/s, "
           f"{rows[0]['flops_per_token'] / 1e9:.3f} GFLOP per token per train step)")
     print(head)
     for r in rows:
         mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
-        print(f"{r['backend']:<8}{r['devices']:>8}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12.0f}"
+        print(f"{r['backend']:<8}{r['mesh'] or 'one device':<16}{r['devices']:>8}{r['global_batch']:>7}"
+              f"{r['step_ms']:>10.1f}{r['tokens_per_s']:>12.0f}"
               f"{100 * r['mfu']:>7.1f}%{mem:>10}{r['compile_s']:>10.1f}")
     one = {r["backend"]: r for r in rows if r["devices"] == 1}
     if "xla" in one and "triton" in one:
@@ -163,7 +191,7 @@ def main(argv=None) -> int:
         if r["devices"] > 1 and r["backend"] in one:
             eff = r["tokens_per_s"] / r["devices"] / one[r["backend"]]["tokens_per_s"]
             r["scaling_efficiency"] = eff
-            print(f"{r['backend']}: {r['devices']} devices, per-device efficiency {100 * eff:.1f}%")
+            print(f"{r['backend']}: {r['devices']} devices, {r['mesh']}, per-device efficiency {100 * eff:.1f}%")
     write_rows(args.json, rows + profile_rows)
     return 0
 
