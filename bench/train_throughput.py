@@ -87,6 +87,7 @@ def time_config(cfg, devices, steps: int, warmup: int, profile: str | None = Non
     state, m = steps_b.train_step(state, batches[0])
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
+    first_loss = float(m["loss"])  # same init and batch on every layout (with --strong): compare across rows
     for i in range(warmup):
         state, m = steps_b.train_step(state, batches[i % 3])
     jax.block_until_ready(m)
@@ -108,7 +109,7 @@ def time_config(cfg, devices, steps: int, warmup: int, profile: str | None = Non
     stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
     if stats:
         peak_mem = stats.get("peak_bytes_in_use")
-    return {"step_ms": step_s * 1e3, "tokens_per_s": b * n / step_s, "compile_s": compile_s,
+    return {"step_ms": step_s * 1e3, "tokens_per_s": b * n / step_s, "compile_s": compile_s, "first_loss": first_loss,
             "peak_mem_gib": None if peak_mem is None else peak_mem / 2**30, "devices": len(devices)}
 
 
