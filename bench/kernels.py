@@ -221,7 +221,8 @@ def attention_rows(ns, b, h, d, rabs, skip_xla_above, only_impls=(), configs="sw
         arg_f = [(s["q"], s["k"], s["v"], s["lengths"], s["pb"], s["tb"], s["ts"], s["qts"]) for s in sets]
         arg_b = [a + (s["cot"],) for a, s in zip(arg_f, sets)]
         for rab in rabs:
-            impls = ("triton", "triton-exact", "triton-dqsep", "xla") + (("xla-gather",) if rab == "pos+time" else ())
+            impls = ("triton", "triton-exact", "triton-tanh", "triton-dqsep", "xla") + (
+                ("xla-gather",) if rab == "pos+time" else ())
             chosen = {}  # kernel kind -> pinned config, filled by the sweep of the first Triton impl
             for impl in impls:
                 if only_impls and impl not in only_impls:
@@ -233,6 +234,8 @@ def attention_rows(ns, b, h, d, rabs, skip_xla_above, only_impls=(), configs="sw
                     base_kw["dq_mode"] = "separate"
                 if impl == "triton-exact":  # the kernel with the two-MUFU sigmoid (A/B of the tanh form)
                     base_kw["sigmoid"] = "exact"
+                if impl == "triton-tanh":  # tanh.approx in every pass, also the forward with a bias
+                    base_kw["sigmoid"] = "tanh"
 
                 def make(extra=None, attn=attn, base_kw=base_kw, rab=rab):
                     kw = dict(base_kw, **(extra or {}))
@@ -398,7 +401,7 @@ def plot(rows, path):
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, what in zip(axes, ("fwd", "fwd+bwd")):
-        for impl in ("triton", "triton-exact", "triton-dqsep", "xla", "xla-gather"):
+        for impl in ("triton", "triton-exact", "triton-tanh", "triton-dqsep", "xla", "xla-gather"):
             for rab in sorted({r["rab"] for r in rows if r["kernel"] == "hstu_attention"}):
                 pts = [(r["N"], r["tflops"]) for r in rows if r["kernel"] == "hstu_attention" and r["impl"] == impl
                        and r["pass_"] == what and r["rab"] == rab and r.get("status") == "ok"]
@@ -434,7 +437,7 @@ def main(argv=None) -> int:
                          "as GENREC_TRITON_AUTOTUNE=0 runs (first); or jax-triton's autotuner (autotune)")
     ap.add_argument("--verbose", action="store_true", help="print every configuration's time during the sweep")
     ap.add_argument("--impls", default="",
-                    help="attention implementations to time (comma list of triton, triton-exact, triton-dqsep, xla, "
+                    help="attention implementations to time (comma list of triton, triton-exact, triton-tanh, triton-dqsep, xla, "
                          "xla-gather; default: all that apply)")
     args = ap.parse_args(argv)
     ok, why = gpu_ready()

@@ -126,6 +126,13 @@ class DecoderConfig:
     # --- semantic-ID generation (added with genrec_jax.semantic_ids)
     # Beams kept per level by the trie-constrained beam search (raised to k when smaller).
     beam_width: int = 20
+    # Weight of an unlikelihood term on one history item per trained position: the decoder
+    # learns how unlikely re-recommending a seen item is (0 = off). It penalises the item's
+    # last `unlikelihood_levels` codes given its earlier ones, so items that only share a
+    # prefix with the history are not pushed down.
+    history_unlikelihood: float = 0.0
+    unlikelihood_levels: int = 1
+    unlikelihood_positions: int = 8  # trained positions per sequence that get the term (0 = all)
 
 
 @dataclasses.dataclass

@@ -233,9 +233,21 @@ def sample_positions(lengths: jax.Array, n: int, per_seq: int, key: jax.Array) -
 
 
 def decoder_loss(decoder: SemanticIDDecoder, item_codes: jax.Array, states: jax.Array, lengths: jax.Array,
-                 targets: jax.Array, key: jax.Array, positions_per_seq: int, dropout_key: jax.Array | None = None):
+                 targets: jax.Array, key: jax.Array, positions_per_seq: int, dropout_key: jax.Array | None = None,
+                 items: jax.Array | None = None, unlikelihood: float = 0.0, unlikelihood_levels: int = 1,
+                 unlikelihood_positions: int = 0):
     """Next-token cross entropy of the codes of the next items (mean over levels and the
-    sampled positions). states [B, N, Dm], targets [B, N] next item ids, item_codes [V, L]."""
+    sampled positions). states [B, N, Dm], targets [B, N] next item ids, item_codes [V, L].
+
+    With ``unlikelihood`` > 0 and the input ``items`` [B, N], each sampled position also
+    draws one item of the history it sees (items[0..pos], never the target itself) and adds
+    ``unlikelihood`` x -log(1 - p), p = the decoder's probability of that item's last
+    ``unlikelihood_levels`` codes given its earlier ones: the model learns from the data
+    how unlikely a repeat is, instead of a filter at serving time. ``unlikelihood_positions``
+    > 0 keeps the term's extra decoder pass cheap: that many of the sampled positions per
+    sequence, drawn at random. The loss is reported as
+    ``decoder_unlikelihood_loss`` (already weighted) and added to the total by the caller.
+    """
     b, n = targets.shape
     pos, valid = sample_positions(lengths, n, positions_per_seq, key)  # [B, P]
     tgt = jnp.take_along_axis(targets, pos, axis=1)
@@ -253,6 +265,28 @@ def decoder_loss(decoder: SemanticIDDecoder, item_codes: jax.Array, states: jax.
     metrics = {"decoder_loss": loss, "decoder_greedy_acc": jnp.sum(exact * w) / denom}
     for name, val in aux.items():
         metrics[f"decoder_{name}"] = val
+    if unlikelihood > 0 and items is not None:
+        upos, uvalid, utgt, umask = pos, valid, tgt, memory_mask
+        if 0 < unlikelihood_positions < pos.shape[1]:
+            g = jax.random.gumbel(jax.random.fold_in(key, 0x0A2), pos.shape)
+            _, sel = jax.lax.top_k(jnp.where(valid, g, -jnp.inf), unlikelihood_positions)
+            upos, uvalid, utgt = (jnp.take_along_axis(x, sel, axis=1) for x in (pos, valid, tgt))
+            umask = jnp.take_along_axis(memory_mask, sel[..., None], axis=1)
+        u = jax.random.uniform(jax.random.fold_in(key, 0x0A1), upos.shape)
+        hidx = jnp.minimum(jnp.floor(u * (upos + 1)).astype(jnp.int32), upos)  # a position the memory holds
+        hist = jnp.take_along_axis(items, hidx, axis=1)
+        hw = (uvalid & (hist > 0) & (hist != utgt)).astype(jnp.float32)
+        hcodes = jnp.take(item_codes, hist, axis=0)
+        hkey = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
+        hlogits, _ = decoder(hcodes, cross, umask, key=hkey)
+        first = len(hlogits) - max(1, min(unlikelihood_levels, len(hlogits)))
+        logp = sum(jnp.take_along_axis(jax.nn.log_softmax(lg.astype(jnp.float32), -1), hcodes[..., t:t + 1],
+                                       axis=-1)[..., 0]
+                   for t, lg in enumerate(hlogits) if t >= first)
+        ul = -jnp.log(-jnp.expm1(jnp.minimum(logp, -1e-6)))  # -log(1 - p), finite as p -> 1
+        ul_loss = jnp.sum(ul * hw) / jnp.maximum(hw.sum(), 1.0)
+        metrics["decoder_unlikelihood_loss"] = unlikelihood * ul_loss
+        metrics["decoder_history_prob"] = jnp.sum(jnp.exp(logp) * hw) / jnp.maximum(hw.sum(), 1.0)
     return loss, metrics
 
 

@@ -90,8 +90,11 @@ def compute_loss(model, batch: dict, key: jax.Array, obj: Objective, log_q: jax.
 
         dec_len = lengths - batch["num_targets"] if "num_targets" in batch else lengths
         k_pos, k_dec = jax.random.split(jax.random.fold_in(key, 0x5EC1D))
+        dcfg = model.cfg.decoder
         dl, m = decoder_loss(model.decoder, model.item_codes[...], states, dec_len, batch["targets"], k_pos,
-                             model.cfg.decoder.positions_per_seq, dropout_key=k_dec)
+                             dcfg.positions_per_seq, dropout_key=k_dec, items=batch["items"],
+                             unlikelihood=dcfg.history_unlikelihood, unlikelihood_levels=dcfg.unlikelihood_levels,
+                             unlikelihood_positions=dcfg.unlikelihood_positions)
         for name, val in m.items():
             metrics[name] = val
             if name.endswith("_loss") and name != "decoder_loss":  # MoE aux terms, already weighted
