@@ -114,3 +114,20 @@ def events(items, start_ts=1_700_000_000, gap=600, actions=None):
             ev["action"] = actions[i]
         out.append(ev)
     return out
+
+
+def concurrent_recommends(url: str, hists: list, user_prefix: str, threads: int = 16) -> list[list]:
+    """POST every history to /v1/recommend (k=5, user ids ``<prefix><i % 7>``) from ``threads``
+    callers at once; returns the item ids each caller got, in request order."""
+    import concurrent.futures
+
+    import httpx
+
+    def call(i):
+        with httpx.Client(base_url=url, timeout=30) as c:
+            r = c.post("/v1/recommend", json={"history": hists[i], "k": 5, "user_id": f"{user_prefix}{i % 7}"})
+            assert r.status_code == 200, r.text
+            return [it["item_id"] for it in r.json()["items"]]
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(call, range(len(hists))))

@@ -1,7 +1,6 @@
 """serve.py: a real uvicorn server on 127.0.0.1 answers every endpoint and batches
 concurrent callers correctly; without a checkpoint it explains how to get one."""
 
-import concurrent.futures
 import os
 import socket
 import sys
@@ -16,7 +15,7 @@ from genrec_jax.config import ConfigError
 from genrec_jax.serve import cli
 from genrec_jax.serve.app import create_app
 
-from .conftest import SERVE_OVERRIDES, events
+from .conftest import SERVE_OVERRIDES, concurrent_recommends, events
 
 
 def free_port() -> int:
@@ -68,14 +67,7 @@ def test_concurrent_callers_get_their_own_results(server, engine, rng):
     expected = [[d["item_id"] for d in engine.recommend(h, k=5)] for h in hists]
     before = engine.prefix.hits + engine.prefix.misses
 
-    def call(i):
-        with httpx.Client(base_url=server, timeout=30) as c:
-            r = c.post("/v1/recommend", json={"history": hists[i], "k": 5, "user_id": f"conc{i % 7}"})
-            assert r.status_code == 200, r.text
-            return [it["item_id"] for it in r.json()["items"]]
-
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(call, range(len(hists))))
+    got = concurrent_recommends(server, hists, "conc")
     assert got == expected, "a caller received another caller's recommendations"
     assert engine.prefix.hits + engine.prefix.misses - before == len(hists), "every user_id request is counted"
     with httpx.Client(base_url=server) as c:

@@ -29,7 +29,7 @@ from genrec_jax.config import ServeConfig
 from genrec_jax.serve.app import create_app
 from genrec_jax.serve.supervisor import Supervisor
 
-from .conftest import SERVE_OVERRIDES, events
+from .conftest import SERVE_OVERRIDES, concurrent_recommends, events
 from .test_app import MALFORMED, finished_while_blocked, gated, submitted, wait_submitted  # noqa: F401 -- fixtures
 from .test_cli import free_port
 
@@ -140,14 +140,7 @@ def test_concurrent_callers_get_their_own_results(mp, engine, rng):
     hists = [events([f"i{int(x)}" for x in rng.integers(1, 121, int(rng.integers(1, 20)))]) for _ in range(32)]
     expected = [[d["item_id"] for d in engine.recommend(h, k=5)] for h in hists]
 
-    def call(i):
-        with httpx.Client(base_url=mp.url, timeout=30) as c:
-            r = c.post("/v1/recommend", json={"history": hists[i], "k": 5, "user_id": f"mp{i % 7}"})
-            assert r.status_code == 200, r.text
-            return [it["item_id"] for it in r.json()["items"]]
-
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(call, range(len(hists))))
+    got = concurrent_recommends(mp.url, hists, "mp")
     assert got == expected, "a caller received another caller's recommendations"
 
 
