@@ -34,7 +34,7 @@ def full_softmax_loss(user_vecs: jax.Array, item_table: jax.Array, targets: jax.
 def sampled_softmax_loss(user_vecs: jax.Array, item_table: jax.Array, targets: jax.Array, mask: jax.Array,
                          scale: float, log_q: jax.Array, num_negatives: int, key: jax.Array) -> tuple[jax.Array, dict]:
     """``log_q`` [V]: log sampling probability of each item (padding row -inf)."""
-    neg = jax.random.categorical(key, log_q, shape=(num_negatives,))  # [K]
+    neg = sample_negatives(key, log_q, num_negatives)  # [K]
     u = user_vecs.astype(jnp.float32)
     pos_vec = jnp.take(item_table, targets, axis=0).astype(jnp.float32)  # [B, N, D]
     pos_logit = jnp.sum(u * pos_vec, -1) * scale - (jnp.log(num_negatives) + jnp.take(log_q, targets))
@@ -46,6 +46,20 @@ def sampled_softmax_loss(user_vecs: jax.Array, item_table: jax.Array, targets: j
     ce = jnp.logaddexp(pos_logit, jax.nn.logsumexp(neg_logit, axis=-1)) - pos_logit
     loss = _masked_mean(ce, mask)
     return loss, {"retrieval_loss": loss}
+
+
+def sample_negatives(key: jax.Array, log_q: jax.Array, num: int) -> jax.Array:
+    """``num`` item ids drawn with replacement from q = exp(log_q) (need not be normalised;
+    items with q = 0, such as the padding row, are never drawn), by inverting the CDF.
+
+    ``jax.random.categorical`` draws Gumbel noise for every (sample, item) pair: a [num, V]
+    array, 410 M random numbers for 4,096 negatives over 100 k items. On a 2-core CPU that
+    draw took 9.6 s against 1.0 ms for this one cumulative sum over V and ``num`` binary
+    searches; on an H100 the `base` train step did not measurably change (50.8 / 51.0 ms
+    against 52.3 / 50.9 ms, alternating in one run)."""
+    cdf = jnp.cumsum(jnp.exp(log_q.astype(jnp.float32)))
+    u = jax.random.uniform(key, (num,), jnp.float32, 0.0, cdf[-1])
+    return jnp.minimum(jnp.searchsorted(cdf, u, side="right"), log_q.shape[0] - 1).astype(jnp.int32)
 
 
 def sampling_log_q(item_counts: jax.Array, power: float = 0.75) -> jax.Array:

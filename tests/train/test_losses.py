@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genrec_jax.train.losses import NEG_INF, sampled_softmax_loss
+from genrec_jax.train.losses import NEG_INF, sample_negatives, sampled_softmax_loss
 
 
 def _reference(u, table, targets, mask, scale, log_q, neg):
@@ -37,7 +37,7 @@ def test_sampled_softmax_equals_the_concatenated_softmax(seed):
     w[0] = 0.0
     log_q = jnp.asarray(np.log(w / w.sum()), jnp.float32)
     key = jax.random.PRNGKey(seed)
-    neg = np.asarray(jax.random.categorical(key, log_q, shape=(k,)))  # the draw the loss makes
+    neg = np.asarray(sample_negatives(key, log_q, k))  # the draw the loss makes
     # make some negatives collide with targets (they must be masked out)
     targets = targets.at[0, :3].set(int(neg[0]))
     loss, _ = sampled_softmax_loss(u, table, targets, mask, 0.7, log_q, k, key)
@@ -57,3 +57,22 @@ def test_sampled_softmax_equals_the_concatenated_softmax(seed):
     fd = (_reference(up, table, np.asarray(targets), mask, 0.7, log_q, neg)
           - _reference(dn, table, np.asarray(targets), mask, 0.7, log_q, neg)) / (2 * eps)
     assert abs(float(g[idx]) - fd) <= 1e-3 * max(1.0, abs(fd))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_negatives_follow_the_sampling_distribution(seed):
+    """Frequencies of 400k draws match q within 5 standard errors per item; items of zero
+    probability (the padding row, and a few more) are never drawn; q need not sum to 1."""
+    rng = np.random.default_rng(seed)
+    v, n = 40, 400_000
+    w = rng.random(v) ** 3 + 0.01
+    w[[0, 7, 31]] = 0.0
+    q = w / w.sum()
+    with np.errstate(divide="ignore"):
+        log_w = np.log(w * 3.0)
+    draws = np.asarray(sample_negatives(jax.random.key(seed), jnp.asarray(log_w, jnp.float32), n))
+    assert draws.min() >= 0 and draws.max() < v
+    freq = np.bincount(draws, minlength=v) / n
+    assert freq[[0, 7, 31]].sum() == 0
+    se = np.sqrt(q * (1 - q) / n)
+    assert np.all(np.abs(freq - q) <= 5 * se + 1e-6), np.max(np.abs(freq - q) / (se + 1e-12))
