@@ -150,15 +150,15 @@ def per_shard(fn: Callable, arrays: dict[str, jax.Array | None], dims: dict[str,
               out_dims: tuple) -> Any:
     """Run ``fn(**arrays)`` once per shard of the mesh being traced under (``jax.set_mesh``).
 
-    For ops that XLA cannot split itself: a Triton kernel is an opaque custom call, so under
-    a sharded ``jit`` XLA would gather its operands onto every device and run the whole
-    batch there. ``dims`` names each array dimension ``"batch"``, ``"heads"`` or None
-    (replicated); ``out_dims`` does the same for the output (a tuple of such tuples when
-    ``fn`` returns a tuple). The batch is split over the
-    data-parallel axes that divide it, heads over ``tensor`` when it divides them; the op
-    must act on every batch row and head independently (attention, interaction). With no
-    mesh, a one-device mesh, or nothing to split, ``fn`` runs as is. None entries of
-    ``arrays`` are passed through as None.
+    For ops that XLA cannot split itself: a Triton kernel is an opaque custom call, and the
+    MoE router's top-k and expert sort are global, so under a sharded ``jit`` XLA would
+    gather their operands onto every device and run the whole batch there. ``dims`` names
+    each array dimension ``"batch"``, ``"heads"`` or None (replicated); ``out_dims`` does the
+    same for the output (a tuple of such tuples when ``fn`` returns a tuple). The batch is
+    split over the data-parallel axes that divide it, heads over ``tensor`` when it divides
+    them; ``fn`` must treat every batch row and head independently. Gradients of replicated
+    inputs are summed over the shards. With no mesh, a one-device mesh, or nothing to split,
+    ``fn`` runs as is. None entries of ``arrays`` are passed through as None.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
