@@ -97,22 +97,25 @@ def start_server(args) -> tuple[subprocess.Popen, str, Path]:
     return proc, f"http://127.0.0.1:{port}", log
 
 
-def wait_ready(url: str, proc, timeout: float, log: Path | None) -> dict:
+def wait_ready(url: str, proc, timeout: float, log: Path | None, *, poll_s: float = 0.5,
+               error: type[BaseException] = SystemExit) -> dict:
+    """Poll ``url``/readyz until it answers 200 (its JSON body is returned); raise ``error``
+    if ``proc`` exits first or ``timeout`` seconds pass (the tests pass AssertionError)."""
     import httpx  # only to poll /readyz
 
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"serve.py exited ({proc.returncode}); its log: {log}\n" + (log.read_text()[-3000:] if log
-                                                                                        else ""))
+            raise error(f"serve.py exited ({proc.returncode}); its log: {log}\n" + (log.read_text()[-3000:] if log
+                                                                                     else ""))
         try:
             r = httpx.get(f"{url}/readyz", timeout=2)
             if r.status_code == 200:
                 return r.json()
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
-    raise SystemExit(f"server not ready after {timeout}s (log: {log})")
+        time.sleep(poll_s)
+    raise error(f"server not ready after {timeout}s (log: {log})")
 
 
 def stop_server(proc) -> None:

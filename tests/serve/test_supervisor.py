@@ -30,6 +30,9 @@ from genrec_jax.serve.app import create_app
 from genrec_jax.serve.supervisor import Supervisor
 
 from .conftest import SERVE_OVERRIDES, concurrent_recommends, events
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench import serve_load  # noqa: E402
 from .test_app import MALFORMED, finished_while_blocked, gated, submitted, wait_submitted  # noqa: F401 -- fixtures
 from .test_cli import free_port
 
@@ -37,17 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def wait_ready(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> dict:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        assert proc is None or proc.poll() is None, "the server exited"
-        try:
-            r = httpx.get(f"{url}/readyz", timeout=2)
-            if r.status_code == 200:
-                return r.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{url} not ready after {timeout}s")
+    return serve_load.wait_ready(url, proc, timeout, None, poll_s=0.05, error=AssertionError)
 
 
 def alive(pid: int) -> bool:
