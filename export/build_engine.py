@@ -163,7 +163,8 @@ def calibration_data(export_dir: str | Path, graph: str, checkpoint: str | Path,
                 _sink.append({k: np.array(v) for k, v in feeds.items()})
                 return client.run("decode_step", feeds)
 
-            beam_search(record, client.trie, enc, {t["name"]: t for t in dec_in}, k=w, beam_width=w)
+            beam_search(record, client.trie, enc, {t["name"]: t for t in dec_in}, k=w, beam_width=w,
+                        history=client.repeat_history(b))
         else:
             raise KeyError(f"unknown graph {graph!r}")
     if not batches:

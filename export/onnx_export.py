@@ -178,6 +178,10 @@ def model_facts(model, info: dict | None = None) -> dict[str, Any]:
     if getattr(model, "decoder", None) is not None:
         facts["code_sizes"] = list(model.decoder.code_sizes)
         facts["num_levels"] = model.decoder.num_levels
+        if getattr(model.decoder, "repeat_bias", None) is not None:
+            # Repeat-aware decoding: the beam-search driver adds repeat_bias[t] to the level-t
+            # logits of codes that continue a beam's prefix into a history item (side/item_codes.npy).
+            facts["repeat_bias"] = [float(x) for x in np.asarray(model.decoder.repeat_offsets())]
     if info:
         facts["dataset"] = info.get("name")
     return facts

@@ -17,7 +17,10 @@ Beam search (the same algorithm as ``genrec_jax.semantic_ids.beam_search``): W b
 row, one ``decode_step`` per level; at level t every live beam is extended by the codes
 its trie node allows (read from the CSR arrays of ``side/trie.safetensors``), a
 hypothesis' score is the sum of its codes' log-softmax, the best W survive (the best k at
-the last level), and the self-attention cache follows its beams (gathered along W).
+the last level), and the self-attention cache follows its beams (gathered along W). A
+repeat-aware decoder (manifest ``model.repeat_bias``) adds ``repeat_bias[t]`` to the level-t
+logits of the codes that continue a beam's prefix into one of the row's history items
+(their semantic IDs from ``side/item_codes.npy``).
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ class OnnxRecommender:
         self.providers = providers or ["CPUExecutionProvider"]
         self._sessions: dict[str, object] = {}
         self._trie: TrieArrays | None = None
+        self._item_codes: np.ndarray | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -137,6 +141,16 @@ class OnnxRecommender:
                 raise KeyError("this export has no trie (the model has no semantic-ID decoder)")
             self._trie = TrieArrays(self.dir / entry["file"])
         return self._trie
+
+    def repeat_history(self, batch: dict[str, np.ndarray]):
+        """(repeat_bias [L], history codes [B, N, L], valid [B, N]) for a repeat-aware decoder, else None."""
+        bias = self.manifest.model.get("repeat_bias")
+        if bias is None:
+            return None
+        if self._item_codes is None:
+            self._item_codes = np.load(self.dir / self.manifest.side_files["item_codes"]["file"])
+        items = np.asarray(batch["items"], np.int64)
+        return np.asarray(bias, np.float32), self._item_codes[items], items > 0
 
     def history(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ins, _ = self.manifest.graphs["encoder"].io(self.precision)
@@ -183,7 +197,8 @@ class OnnxRecommender:
         if k > w:
             raise ValueError(f"beam_width ({w}) must be >= k ({k})")
         enc = encoded if encoded is not None else self.encode(batch)
-        items, scores = self.beam_search(enc, k=w, beam_width=w, renormalize=renormalize)
+        items, scores = self.beam_search(enc, k=w, beam_width=w, renormalize=renormalize,
+                                         history=self.repeat_history(batch))
         hit = items == 0
         for r, ex in enumerate(exclude or []):
             hit[r] |= np.isin(items[r], np.asarray(ex))
@@ -193,10 +208,12 @@ class OnnxRecommender:
         return np.where(np.isfinite(top), items, 0).astype(np.int32), top
 
     def beam_search(self, enc: dict[str, np.ndarray], *, k: int, beam_width: int,
-                    renormalize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                    renormalize: bool = False, history=None) -> tuple[np.ndarray, np.ndarray]:
+        if history is None and self.manifest.model.get("repeat_bias") is not None:
+            raise ValueError("this export's decoder is repeat-aware: pass history= (see repeat_history)")
         ins, _ = self.manifest.graphs["decode_step"].io(self.precision)
         return beam_search(lambda feeds: self.run("decode_step", feeds), self.trie, enc, {t["name"]: t for t in ins},
-                           k=k, beam_width=beam_width, renormalize=renormalize)
+                           k=k, beam_width=beam_width, renormalize=renormalize, history=history)
 
     def rank(self, batch: dict[str, np.ndarray], candidates: np.ndarray,
              candidate_timestamp: np.ndarray) -> dict[str, np.ndarray]:
@@ -210,12 +227,13 @@ class OnnxRecommender:
 
 def beam_search(run_decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], trie: TrieArrays,
                 enc: dict[str, np.ndarray], decode_inputs: dict[str, dict], *, k: int, beam_width: int,
-                renormalize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                renormalize: bool = False, history=None) -> tuple[np.ndarray, np.ndarray]:
     """Trie-constrained beam search driving a ``decode_step`` graph through ``run_decode``
     (ONNX Runtime here, a Triton BLS call in the generated ``recommend`` model).
 
     ``enc``: the encoder outputs (cross_k, cross_v, cross_valid); ``decode_inputs``: the
-    manifest's decode_step input specs by name. Returns (items int32 [B, k], scores [B, k]).
+    manifest's decode_step input specs by name; ``history``: (repeat_bias [L], history codes
+    [B, N, L], valid [B, N]) for a repeat-aware decoder. Returns (items int32 [B, k], scores [B, k]).
     """
     if k > beam_width:
         raise ValueError(f"beam_width ({beam_width}) must be >= k ({k})")
@@ -231,6 +249,9 @@ def beam_search(run_decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarr
     score = np.where(np.arange(w)[None, :] == 0, 0.0, -np.inf) * np.ones((b, 1), np.float32)
     score = score.astype(np.float32)
     levels = trie.num_levels
+    if history is not None:
+        bias, hcodes, hvalid = history
+        match = np.broadcast_to(np.asarray(hvalid, bool)[:, None, :], (b, w, hvalid.shape[1]))  # [B, W, N]
     for level in range(levels):
         out = run_decode({
             "prev_codes": prev.astype(np.int32), "level": np.array([level], np.int32),
@@ -238,6 +259,10 @@ def beam_search(run_decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarr
             "cross_k": cross_k, "cross_v": cross_v, "cross_valid": cross_valid})
         self_k, self_v = out["new_self_k"], out["new_self_v"]
         logits = out["logits"][..., :trie.code_sizes[level]]
+        if history is not None:
+            onehot = np.eye(trie.code_sizes[level], dtype=np.float32)[hcodes[..., level]]  # [B, N, K]
+            seen = np.einsum("bwn,bnk->bwk", match.astype(np.float32), onehot) > 0
+            logits = logits + np.float32(bias[level]) * seen
         if renormalize:
             logits = np.where(trie.allowed_mask(level, node), logits, -np.inf)
         logp = log_softmax(logits)
@@ -257,6 +282,8 @@ def beam_search(run_decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarr
         prev = np.where(alive, np.take_along_axis(codes.reshape(b, w * f), idx, axis=1), 0)
         node = np.where(alive, np.take_along_axis(nxt.reshape(b, w * f), idx, axis=1), 0)
         score = top.astype(np.float32)
+        if level < levels - 1 and history is not None:
+            match = np.take_along_axis(match, parent[..., None], axis=1) & (hcodes[:, None, :, level] == prev[..., None])
         if level < levels - 1:
             sel = parent[:, None, :, None, None, None]
             self_k = np.take_along_axis(self_k, sel, axis=2)

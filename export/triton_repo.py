@@ -138,6 +138,10 @@ class TritonPythonModel:
         with open(os.path.join(here, "decode_inputs.json")) as f:
             self.decode_inputs = json.load(f)
         self.trie = TrieArrays(os.path.join(here, "trie.safetensors"))
+        self.repeat = None  # repeat-aware decoder: (repeat_bias [L], item codes [N + 1, L])
+        if os.path.exists(os.path.join(here, "repeat_bias.json")):
+            with open(os.path.join(here, "repeat_bias.json")) as f:
+                self.repeat = (np.asarray(json.load(f), np.float32), np.load(os.path.join(here, "item_codes.npy")))
 
     def execute(self, requests):
         responses = []
@@ -145,9 +149,13 @@ class TritonPythonModel:
             try:
                 hist = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in HISTORY}
                 enc = _bls("encoder", hist, ["cross_k", "cross_v", "cross_valid"])
+                history = None
+                if self.repeat is not None:
+                    items = hist["items"].astype(np.int64)
+                    history = (self.repeat[0], self.repeat[1][items], items > 0)
                 items, scores = beam_search(
                     lambda feeds: _bls("decode_step", feeds, ["logits", "new_self_k", "new_self_v"]),
-                    self.trie, enc, self.decode_inputs, k=self.k, beam_width=self.beam_width)
+                    self.trie, enc, self.decode_inputs, k=self.k, beam_width=self.beam_width, history=history)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("items", items.astype(np.int32)),
                     pb_utils.Tensor("scores", scores.astype(np.float32))]))
@@ -189,6 +197,9 @@ def write_repository(export_dir: str | Path, repo_dir: str | Path | None = None,
         (d / "1" / "model.py").write_text(RECOMMEND_MODEL_PY)
         shutil.copyfile(Path(__file__).with_name("ort_client.py"), d / "1" / "genrec_beam.py")
         shutil.copyfile(export_dir / manifest.side_files["trie"]["file"], d / "1" / "trie.safetensors")
+        if manifest.model.get("repeat_bias") is not None:
+            shutil.copyfile(export_dir / manifest.side_files["item_codes"]["file"], d / "1" / "item_codes.npy")
+            (d / "1" / "repeat_bias.json").write_text(json.dumps(manifest.model["repeat_bias"]))
         dec_in, _ = manifest.graphs["decode_step"].io(precision)
         (d / "1" / "decode_inputs.json").write_text(json.dumps({t["name"]: t for t in dec_in}, indent=1))
     from genrec_jax.export.serving_readme import render_readme

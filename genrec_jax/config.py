@@ -133,6 +133,11 @@ class DecoderConfig:
     history_unlikelihood: float = 0.0
     unlikelihood_levels: int = 1
     unlikelihood_positions: int = 8  # trained positions per sequence that get the term (0 = all)
+    # Repeat-aware decoding: a learnt logit offset per level for the codes that continue the
+    # prefix into an item of the user's own history (trained with the cross entropy; beam
+    # search, evaluation and serving apply it). Learns "users do not buy the same item twice"
+    # (or the opposite) from the data instead of a serving-time history filter.
+    history_bias: bool = False
 
 
 @dataclasses.dataclass

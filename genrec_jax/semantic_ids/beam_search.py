@@ -7,6 +7,10 @@ The driver only calls three functions, so the same loop runs the JAX decoder her
     cache = init_cache(batch, beam_width)                         zeros
     logits, cache = decode_step(prev_codes, level, cache, cross)  once per level
 
+With ``history`` (a decoder trained with ``history_bias``), each level's logits get the
+decoder's learnt repeat offset on the codes that continue a beam's prefix into one of the
+user's history items; each beam tracks which history items still share its prefix.
+
 At level t every live beam is extended by the children its trie node allows (codes the
 trie does not allow never become candidates, i.e. score -inf); the best W of the
 W x max_fanout candidates survive, and the self-attention cache is re-gathered to follow
@@ -23,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from genrec_jax.semantic_ids.decoder import seen_codes
 from genrec_jax.semantic_ids.trie import Trie
 
 
@@ -38,8 +43,13 @@ def beam_search(
     k: int,
     renormalize: bool = False,
     uniform_last_level: bool = False,
+    history: tuple[Callable, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Top-``k`` items (int32 [B, k], best first) and their log-prob scores [B, k].
+
+    ``history``: (add_bias, codes int [B, N, L], valid bool [B, N]) -- the users' history
+    items' semantic IDs and ``add_bias(logits, level, seen)`` (the decoder's
+    ``add_repeat_bias``), applied to every level's logits before the softmax.
 
     ``beam_width`` (W) must be >= k. ``renormalize``: take each level's softmax over the
     codes the trie allows only (instead of the full codebook). ``uniform_last_level``: score
@@ -57,8 +67,13 @@ def beam_search(
     node = jnp.zeros((b, w), jnp.int32)
     prev = jnp.zeros((b, w), jnp.int32)
     score = jnp.where(jnp.arange(w)[None, :] == 0, 0.0, -jnp.inf) * jnp.ones((b, 1), jnp.float32)
+    if history is not None:
+        add_bias, hcodes, hvalid = history
+        match = jnp.broadcast_to(hvalid[:, None, :], (b, w, hvalid.shape[1]))  # [B, W, N] shares the prefix
     for level in range(num_levels):
         logits, cache = decode_step(prev, level, cache, cross)  # [B, W, K]
+        if history is not None:
+            logits = add_bias(logits, level, seen_codes(match, hcodes, level, logits.shape[-1]))
         if renormalize:
             logits = trie.mask_logits(level, node, logits)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -81,6 +96,8 @@ def beam_search(
         prev = jnp.where(alive, jnp.take_along_axis(codes.reshape(b, w * f), idx, axis=1), 0)
         node = jnp.where(alive, jnp.take_along_axis(nxt.reshape(b, w * f), idx, axis=1), 0).astype(jnp.int32)
         score = top
+        if level < num_levels - 1 and history is not None:
+            match = jnp.take_along_axis(match, parent[..., None], axis=1) & (hcodes[:, None, :, level] == prev[..., None])
         if level < num_levels - 1:
             sel = parent[None, :, :, None, None, None]
             cache = type(cache)(*(jnp.take_along_axis(c, sel, axis=2) for c in cache))
@@ -88,10 +105,25 @@ def beam_search(
 
 
 def decoder_beam_search(decoder, trie: Trie, states: jax.Array, lengths: jax.Array, *, beam_width: int, k: int,
-                        renormalize: bool = False, uniform_last_level: bool = False):
-    """``beam_search`` driven by a :class:`SemanticIDDecoder`'s own prefill / decode_step."""
+                        renormalize: bool = False, uniform_last_level: bool = False,
+                        history_codes: jax.Array | None = None, history_valid: jax.Array | None = None):
+    """``beam_search`` driven by a :class:`SemanticIDDecoder`'s own prefill / decode_step.
+    ``history_codes`` int [B, N, L] / ``history_valid`` bool [B, N]: the users' history items'
+    semantic IDs, needed (and only used) when the decoder has the repeat offsets."""
+    history = None
+    if getattr(decoder, "repeat_bias", None) is not None:
+        if history_codes is None or history_valid is None:
+            raise ValueError("this decoder was trained with model.decoder.history_bias: beam search needs the "
+                             "users' history items (history_codes, history_valid)")
+        history = (decoder.add_repeat_bias, history_codes, history_valid)
     return beam_search(decoder.prefill, decoder.decode_step, decoder.init_cache, trie, states, lengths,
-                       beam_width=beam_width, k=k, renormalize=renormalize, uniform_last_level=uniform_last_level)
+                       beam_width=beam_width, k=k, renormalize=renormalize, uniform_last_level=uniform_last_level,
+                       history=history)
+
+
+def history_of(model, items: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(codes int [B, N, L], valid bool [B, N]) of history item ids ``items`` [B, N] (0 = none)."""
+    return jnp.take(model.item_codes[...], items, axis=0), items > 0
 
 
 def memory_of(model, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -106,8 +138,10 @@ def recommend(model, trie: Trie, batch: dict, *, beam_width: int, k: int, renorm
     if getattr(model, "decoder", None) is None:
         raise ValueError("the model has no semantic-ID decoder (model.decoder.enabled=false)")
     states, lengths = memory_of(model, batch)
+    hcodes, hvalid = history_of(model, batch["items"])
     return decoder_beam_search(model.decoder, trie, states, lengths, beam_width=beam_width, k=k,
-                               renormalize=renormalize, uniform_last_level=uniform_last_level)
+                               renormalize=renormalize, uniform_last_level=uniform_last_level,
+                               history_codes=hcodes, history_valid=hvalid)
 
 
 def make_recommend_fn(model, *, beam_width: int, k: int, renormalize: bool = False,
@@ -127,15 +161,20 @@ def make_recommend_fn(model, *, beam_width: int, k: int, renormalize: bool = Fal
 
 
 def score_all_items(decoder, item_codes: jax.Array, states: jax.Array, lengths: jax.Array, *,
-                    renormalize_trie: Trie | None = None) -> jax.Array:
+                    renormalize_trie: Trie | None = None, history_items: jax.Array | None = None) -> jax.Array:
     """Exhaustive scores [B, V] (log-prob of every item's full code; column 0 = -inf): the
     reference beam search approximates. Costs one teacher-forced pass per item: tiny
-    catalogues (tests) only."""
+    catalogues (tests) only. ``history_items`` int [B, N] (0 = none): the users' histories,
+    for a decoder with the repeat offsets."""
     cross = decoder.prefill(states, lengths)
     b = states.shape[0]
     v = item_codes.shape[0]
     codes = jnp.broadcast_to(item_codes[None], (b, v, item_codes.shape[1]))
-    logits, _ = decoder(codes, cross)
+    history = None
+    if history_items is not None:
+        visible = jnp.broadcast_to((history_items > 0)[:, None, :], (b, v, history_items.shape[1]))
+        history = (jnp.take(item_codes, history_items, axis=0), visible)
+    logits, _ = decoder(codes, cross, history=history)
     total = jnp.zeros((b, v), jnp.float32)
     if renormalize_trie is not None:
         node = jnp.zeros((b, v), jnp.int32)

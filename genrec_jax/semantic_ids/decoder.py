@@ -11,7 +11,12 @@ Each block (pre-norm)::
     x = x + FFN(LN(x))                   dense GELU, or the MoE FFN (model.moe)
 
 and ``logits_t = Head_t(LN(x_t))`` over level t's codebook (a separate head per level, as
-levels have different sizes). Training (``decoder_loss``): for a sequence with states
+levels have different sizes). With ``history_bias`` (repeat-aware decoding) a learnt scalar
+per level, ``r_t``, is added to the logit of every code c that continues the prefix written
+so far into an item of the user's own history: ``logits_t[c] += r_t * seen_t(prefix, c)``
+(:func:`history_prefix_masks`). Trained with the cross entropy like every other weight, r_t
+is what the data say about repeats: strongly negative where users never take an item twice
+(Amazon Beauty), positive where they come back to the same items. Training (``decoder_loss``): for a sequence with states
 s_0..s_{n-1} and next items t_0..t_{n-1}, position i decodes codes(t_i) from memory
 s_0..s_i. Serving uses two functions, also what the ONNX export traces::
 
@@ -32,6 +37,7 @@ from genrec_jax.config import DecoderConfig, MoEConfig
 from genrec_jax.model.layers import Dense, Embed, KeySeq, LayerNorm, dropout, param
 
 NEG_INF = -1e30
+REPEAT_BIAS_SCALE = 10.0  # repeat offset in logits = this x its parameter (SemanticIDDecoder.repeat_offsets)
 
 
 class ItemCodes(nnx.Variable):
@@ -138,6 +144,11 @@ class SemanticIDDecoder(nnx.Module):
         ])
         self.final_norm = LayerNorm(d, rngs=rngs)
         self.heads = nnx.List([Dense(d, k, axes=("embed", "vocab"), rngs=rngs, dtype=dtype) for k in self.code_sizes])
+        # One learnt logit offset per level for codes that continue into a history item (None: off),
+        # stored divided by REPEAT_BIAS_SCALE (see repeat_offsets). Zeros drawn without the RNG, so
+        # the option leaves every other weight's initialisation as it was for the same seed.
+        self.repeat_bias = (nnx.Param(jnp.zeros((self.num_levels,), jnp.float32), axes=(None,))
+                            if cfg.history_bias else None)
 
     # ----------------------------------------------------------------- inputs
 
@@ -165,11 +176,14 @@ class SemanticIDDecoder(nnx.Module):
     # ----------------------------------------------------------------- teacher forcing
 
     def __call__(self, codes: jax.Array, cross: CrossKV, memory_mask: jax.Array | None = None,
-                 num_levels: int | None = None, key: jax.Array | None = None):
+                 num_levels: int | None = None, key: jax.Array | None = None,
+                 history: tuple[jax.Array, jax.Array] | None = None):
         """Logits of every level given the true codes of the earlier ones.
 
         codes int [B, G, L] (targets), ``memory_mask`` bool [B, G, M] (default: the memory's
-        own validity). Returns (list over levels of [B, G, K_t], aux losses).
+        own validity). ``history``: (codes int [B, N, L] of the history items, visible bool
+        [B, G, N]: which of them each row has seen), used when ``history_bias`` is on.
+        Returns (list over levels of [B, G, K_t], aux losses).
         """
         t = num_levels or self.num_levels
         ks = KeySeq(key) if key is not None else None
@@ -183,7 +197,24 @@ class SemanticIDDecoder(nnx.Module):
             for name, val in aux.items():
                 aux_all[name] = aux_all.get(name, 0.0) + val / len(self.blocks)
         h = self.final_norm(x)
-        return [self.heads[level](h[:, :, level]).astype(jnp.float32) for level in range(t)], aux_all
+        logits = [self.heads[level](h[:, :, level]).astype(jnp.float32) for level in range(t)]
+        if self.repeat_bias is not None and history is not None:
+            seen = history_prefix_masks(history[0], history[1], codes, self.code_sizes[:t])
+            logits = [self.add_repeat_bias(lg, level, s_) for level, (lg, s_) in enumerate(zip(logits, seen))]
+        return logits, aux_all
+
+    def repeat_offsets(self) -> jax.Array:
+        """The per-level repeat offsets r_t in logit units, float32 [L]. The parameter holds
+        r / REPEAT_BIAS_SCALE: Adam moves a parameter by about the learning rate per step, so
+        a raw scalar would need thousands of steps to reach the several nats a
+        never-repeating catalogue calls for."""
+        return REPEAT_BIAS_SCALE * self.repeat_bias[...].astype(jnp.float32)
+
+    def add_repeat_bias(self, logits: jax.Array, level: int, seen: jax.Array) -> jax.Array:
+        """logits [..., K_level] + r_level where ``seen`` [..., K_level] (identity when off)."""
+        if self.repeat_bias is None:
+            return logits
+        return logits + self.repeat_offsets()[level].astype(logits.dtype) * seen.astype(logits.dtype)
 
     # ----------------------------------------------------------------- cached decoding
 
@@ -205,6 +236,30 @@ class SemanticIDDecoder(nnx.Module):
             vs.append(cv)
         logits = self.heads[level](self.final_norm(x[:, :, 0])).astype(jnp.float32)
         return logits, SelfKVCache(jnp.stack(ks), jnp.stack(vs))
+
+
+# --------------------------------------------------------------------------- history masks
+
+
+def seen_codes(match: jax.Array, history_codes: jax.Array, level: int, size: int) -> jax.Array:
+    """bool [B, G, size]: codes c such that some history item j with ``match`` [B, G, N] has
+    code c at ``level`` (history_codes int [B, N, L])."""
+    onehot = jax.nn.one_hot(history_codes[..., level], size, dtype=jnp.float32)  # [B, N, K]
+    return jnp.einsum("bgn,bnk->bgk", match.astype(jnp.float32), onehot) > 0
+
+
+def history_prefix_masks(history_codes: jax.Array, visible: jax.Array, codes: jax.Array,
+                         code_sizes: Sequence[int]) -> list[jax.Array]:
+    """Per level t, bool [B, G, K_t]: the codes c for which some visible history item j has
+    ``codes_j[:t] == codes[..., :t]`` and ``codes_j[t] == c`` (teacher forcing: the prefix
+    is the true one). history_codes int [B, N, L], visible bool [B, G, N], codes int [B, G, >= T]."""
+    match = visible
+    out = []
+    for t, size in enumerate(code_sizes):
+        out.append(seen_codes(match, history_codes, t, size))
+        if t + 1 < len(code_sizes):
+            match = match & (history_codes[:, None, :, t] == codes[..., t:t + 1])
+    return out
 
 
 # --------------------------------------------------------------------------- training loss
@@ -255,7 +310,12 @@ def decoder_loss(decoder: SemanticIDDecoder, item_codes: jax.Array, states: jax.
     codes = jnp.take(item_codes, tgt, axis=0)  # [B, P, L]
     memory_mask = (jnp.arange(n)[None, None, :] <= pos[..., None]) & (jnp.arange(n)[None, None, :] < lengths[:, None, None])
     cross = decoder.prefill(states, lengths)
-    logits, aux = decoder(codes, cross, memory_mask, key=dropout_key)
+    history = None
+    if decoder.repeat_bias is not None:
+        if items is None:
+            raise ValueError("model.decoder.history_bias needs the history items (items=) in decoder_loss")
+        history = (jnp.take(item_codes, items, axis=0), memory_mask & (items > 0)[:, None, :])
+    logits, aux = decoder(codes, cross, memory_mask, key=dropout_key, history=history)
     ce = sum(optax.softmax_cross_entropy_with_integer_labels(lg, codes[..., t]) for t, lg in enumerate(logits))
     ce = ce / len(logits)
     exact = jnp.stack([jnp.argmax(lg, -1) == codes[..., t] for t, lg in enumerate(logits)], -1).all(-1)
@@ -263,6 +323,10 @@ def decoder_loss(decoder: SemanticIDDecoder, item_codes: jax.Array, states: jax.
     denom = jnp.maximum(w.sum(), 1.0)
     loss = jnp.sum(ce * w) / denom
     metrics = {"decoder_loss": loss, "decoder_greedy_acc": jnp.sum(exact * w) / denom}
+    if decoder.repeat_bias is not None:  # the learnt repeat offsets, one per level (logged)
+        offsets = decoder.repeat_offsets()
+        for t in range(decoder.num_levels):
+            metrics[f"decoder_repeat_bias_{t}"] = offsets[t]
     for name, val in aux.items():
         metrics[f"decoder_{name}"] = val
     if unlikelihood > 0 and items is not None:
@@ -278,7 +342,8 @@ def decoder_loss(decoder: SemanticIDDecoder, item_codes: jax.Array, states: jax.
         hw = (uvalid & (hist > 0) & (hist != utgt)).astype(jnp.float32)
         hcodes = jnp.take(item_codes, hist, axis=0)
         hkey = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
-        hlogits, _ = decoder(hcodes, cross, umask, key=hkey)
+        hhist = None if history is None else (history[0], umask & (items > 0)[:, None, :])
+        hlogits, _ = decoder(hcodes, cross, umask, key=hkey, history=hhist)
         first = len(hlogits) - max(1, min(unlikelihood_levels, len(hlogits)))
         logp = sum(jnp.take_along_axis(jax.nn.log_softmax(lg.astype(jnp.float32), -1), hcodes[..., t:t + 1],
                                        axis=-1)[..., 0]

@@ -75,12 +75,16 @@ class NaiveEngine:
         return jax.lax.top_k(scores.at[:, 0].set(-jnp.inf), k)
 
     def _generate_fn(self, batch, trie):
-        from genrec_jax.semantic_ids.beam_search import beam_search
+        from genrec_jax.semantic_ids.beam_search import beam_search, history_of
 
         states, _ = self.model.encode(batch)
-        prefill, step, init = no_cache_decoder(self.model.decoder)
+        dec = self.model.decoder
+        prefill, step, init = no_cache_decoder(dec)
+        history = None
+        if dec.repeat_bias is not None:
+            history = (dec.add_repeat_bias, *history_of(self.model, batch["items"]))
         ids, scores = beam_search(prefill, step, init, trie, states, batch["lengths"],
-                                  beam_width=self.beam_width, k=self.beam_width)
+                                  beam_width=self.beam_width, k=self.beam_width, history=history)
         return ids, scores
 
     def _rank_fn(self, batch):

@@ -296,7 +296,10 @@ class Engine:
     def _generate_args(self, b: int, pool, trie) -> tuple:
         """Example arguments of the batch-``b`` beam-search step (zero slots, lengths, exclusions)."""
         i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-        return self.weights, pool, i32(b), i32(b), i32(b, self.exclude_width), trie
+        args = (self.weights, pool, i32(b), i32(b), i32(b, self.exclude_width), trie)
+        if self.semantic.repeat_aware:
+            args += (self.semantic.history_codes([], b, self.max_len),)
+        return args
 
     def _dry_run(self) -> None:
         """One tiny request through every path (first executions allocate buffers)."""
@@ -578,7 +581,9 @@ class Engine:
                                      self._pool.user, slots, exclude)
                 else:
                     lengths = _pad_slots([len(r.window) for r in part], b)
-                    out = gen_execs[b](self.weights, self._pool, slots, lengths, exclude, trie)
+                    extra = ((self.semantic.history_codes([r.window for r in part], b, self.max_len),)
+                             if self.semantic.repeat_aware else ())
+                    out = gen_execs[b](self.weights, self._pool, slots, lengths, exclude, trie, *extra)
                 pending.append((kind, part, out))
         if by_kind["rank"]:
             self._rank(jobs, by_kind["rank"], results)

@@ -50,6 +50,11 @@ class SemanticSide:
 
             self.search = decoder_beam_search
             self.trie = Trie.from_item_codes(np.asarray(model.item_codes[...], np.int32), model.decoder.code_sizes)
+        # Repeat-aware decoder (model.decoder.history_bias): beam search takes the history
+        # items' semantic IDs, looked up on the host in the live code table (grows with
+        # registrations).
+        self.repeat_aware = getattr(getattr(model, "decoder", None), "repeat_bias", None) is not None
+        self.live_codes = np.asarray(model.item_codes[...], np.int32) if self.repeat_aware else None
         self.semantic_dir = semantic_dir
         self.has_decoder = getattr(model, "decoder", None) is not None
         # Training interaction counts [N + 1] (placement without a decoder); new items count 0.
@@ -145,3 +150,16 @@ class SemanticSide:
         self._sid = reg.semantic_ids
         if self.can_generate:
             self.trie = reg.trie
+        if self.repeat_aware:
+            self.live_codes = np.concatenate([self.live_codes, np.asarray(reg.codes, np.int32)])
+
+    def history_codes(self, windows: Sequence, batch: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(codes int32 [batch, max_len, L], valid bool [batch, max_len]) of the windows'
+        items (internal ids; rows past ``len(windows)`` empty), for a repeat-aware decoder."""
+        codes = np.zeros((batch, max_len, self.live_codes.shape[1]), np.int32)
+        valid = np.zeros((batch, max_len), bool)
+        for r, w in enumerate(windows):
+            items = np.asarray(w.items[-max_len:])
+            codes[r, :len(items)] = self.live_codes[items]
+            valid[r, :len(items)] = items > 0
+        return codes, valid

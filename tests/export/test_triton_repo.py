@@ -85,11 +85,23 @@ def _fake_pb_utils(client):
     return pb
 
 
-def test_recommend_bls_model_runs_the_client_beam_search(decoder_export, real_batch, tmp_path, monkeypatch):
+@pytest.mark.parametrize("repeat_aware", [False, True])
+def test_recommend_bls_model_runs_the_client_beam_search(decoder_export, real_batch, tmp_path, monkeypatch,
+                                                         repeat_aware):
     from genrec_jax.export.ort_client import OnnxRecommender
 
-    repo = write_repository(decoder_export.out_dir, tmp_path / "repo", k=5, beam_width=8)
-    client = OnnxRecommender(decoder_export.out_dir)
+    export_dir = decoder_export.out_dir
+    if repeat_aware:  # the same graphs with repeat offsets in the manifest (a history_bias decoder's export)
+        import shutil
+
+        export_dir = tmp_path / "export"
+        shutil.copytree(decoder_export.out_dir, export_dir)
+        manifest = json.loads((export_dir / "manifest.json").read_text())
+        manifest["model"]["repeat_bias"] = [0.5, -1.0, -25.0]
+        (export_dir / "manifest.json").write_text(json.dumps(manifest))
+    repo = write_repository(export_dir, tmp_path / "repo", k=5, beam_width=8)
+    assert (repo / "recommend" / "1" / "repeat_bias.json").exists() == repeat_aware
+    client = OnnxRecommender(export_dir)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils(client))
     monkeypatch.syspath_prepend(str(repo / "recommend" / "1"))
     sys.modules.pop("genrec_beam", None)
@@ -106,6 +118,8 @@ def test_recommend_bls_model_runs_the_client_beam_search(decoder_export, real_ba
     items = next(t for t in resp.outputs if t.name() == "items").as_numpy()
     want, _ = client.recommend(hist, k=5, beam_width=8)
     assert np.array_equal(items, want)
+    if repeat_aware:
+        assert not any(np.isin(items[r], hist["items"][r][hist["items"][r] > 0]).any() for r in range(6))
 
 
 @pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime"])

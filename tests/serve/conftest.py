@@ -78,26 +78,40 @@ def serve_cfg(tiny_run):
     return serve_config(tiny_run, SERVE_OVERRIDES)
 
 
-@pytest.fixture(scope="session")
-def gen_engine():
-    """An engine over a decoder model with random weights and random unique semantic IDs
-    (generation is checked against the semantic_ids reference, not for quality)."""
+def _random_decoder_engine(*overrides, repeat_offsets=None):
     from genrec_jax.model.recommender import build_model
+    from genrec_jax.semantic_ids.decoder import REPEAT_BIAS_SCALE
     from genrec_jax.serve.engine import Engine
     from genrec_jax.serve.inputs import Catalog
 
     sizes, n = (8, 8, 4), 120
     cfg = load_config(preset_path("tiny"), [
         "model.decoder.enabled=true", "model.decoder.num_layers=1", "model.decoder.head_dim=8",
-        "model.decoder.ffn_dim=32", "serve.beam_width=8", *SERVE_OVERRIDES])
+        "model.decoder.ffn_dim=32", "serve.beam_width=8", *SERVE_OVERRIDES, *overrides])
     rng = np.random.default_rng(0)
     flat = rng.choice(int(np.prod(sizes)), n, replace=False)
     codes = np.concatenate([np.zeros((1, 3), np.int64), np.stack(np.unravel_index(flat, sizes), 1)]).astype(np.int32)
     model = build_model(cfg.model, num_items=n, num_actions=5, max_len=cfg.data.max_seq_len, item_codes=codes,
                         code_sizes=sizes)
+    if repeat_offsets is not None:
+        model.decoder.repeat_bias[...] = np.asarray(repeat_offsets, np.float32) / REPEAT_BIAS_SCALE
     catalog = Catalog(["<pad>"] + [f"i{i}" for i in range(1, n + 1)], ["view", "like", "share", "skip", "purchase"])
     return Engine(model, catalog, cfg.serve, model_version="random-decoder", compiler_options=FAST_COMPILE,
                   heads=("generative",))  # retrieval and rank are tested on the trained engine
+
+
+@pytest.fixture(scope="session")
+def gen_engine():
+    """An engine over a decoder model with random weights and random unique semantic IDs
+    (generation is checked against the semantic_ids reference, not for quality)."""
+    return _random_decoder_engine()
+
+
+@pytest.fixture(scope="session")
+def repeat_engine():
+    """The same with a repeat-aware decoder (model.decoder.history_bias) whose last-level
+    offset is -30: it must never write a history item."""
+    return _random_decoder_engine("model.decoder.history_bias=true", repeat_offsets=[0.5, 1.0, -30.0])
 
 
 @pytest.fixture
