@@ -138,6 +138,9 @@ class DecoderConfig:
     # search, evaluation and serving apply it). Learns "users do not buy the same item twice"
     # (or the opposite) from the data instead of a serving-time history filter.
     history_bias: bool = False
+    # Levels that get the offset: the last `history_bias_levels` (the ones that pin down the
+    # exact item, e.g. 1 = the de-duplication level); 0 = every level.
+    history_bias_levels: int = 0
 
 
 @dataclasses.dataclass
@@ -402,6 +405,8 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
         _check(0.0 <= dc.dropout < 1.0, "model.decoder.dropout", f"must be in [0, 1), got {dc.dropout}", source)
         _check(dc.positions_per_seq >= 0, "model.decoder.positions_per_seq", "must be >= 0 (0 = every position)",
                source)
+        _check(dc.history_bias_levels >= 0, "model.decoder.history_bias_levels",
+               f"must be >= 0 (0 = every level), got {dc.history_bias_levels}", source)
         if dc.use_moe:
             _check(1 <= m.moe.top_k <= m.moe.num_experts, "model.moe.top_k",
                    f"must be in [1, num_experts={m.moe.num_experts}], got {m.moe.top_k}", source)

@@ -14,7 +14,8 @@ and ``logits_t = Head_t(LN(x_t))`` over level t's codebook (a separate head per 
 levels have different sizes). With ``history_bias`` (repeat-aware decoding) a learnt scalar
 per level, ``r_t``, is added to the logit of every code c that continues the prefix written
 so far into an item of the user's own history: ``logits_t[c] += r_t * seen_t(prefix, c)``
-(:func:`history_prefix_masks`). Trained with the cross entropy like every other weight, r_t
+(:func:`history_prefix_masks`; ``history_bias_levels`` > 0 keeps it to that many last
+levels). Trained with the cross entropy like every other weight, r_t
 is what the data say about repeats: strongly negative where users never take an item twice
 (Amazon Beauty), positive where they come back to the same items. Training (``decoder_loss``): for a sequence with states
 s_0..s_{n-1} and next items t_0..t_{n-1}, position i decodes codes(t_i) from memory
@@ -208,7 +209,11 @@ class SemanticIDDecoder(nnx.Module):
         r / REPEAT_BIAS_SCALE: Adam moves a parameter by about the learning rate per step, so
         a raw scalar would need thousands of steps to reach the several nats a
         never-repeating catalogue calls for."""
-        return REPEAT_BIAS_SCALE * self.repeat_bias[...].astype(jnp.float32)
+        r = REPEAT_BIAS_SCALE * self.repeat_bias[...].astype(jnp.float32)
+        n = self.cfg.history_bias_levels
+        if 0 < n < self.num_levels:  # only the last n levels (the others stay 0, and get no gradient)
+            r = jnp.where(jnp.arange(self.num_levels) >= self.num_levels - n, r, 0.0)
+        return r
 
     def add_repeat_bias(self, logits: jax.Array, level: int, seen: jax.Array) -> jax.Array:
         """logits [..., K_level] + r_level where ``seen`` [..., K_level] (identity when off)."""

@@ -188,3 +188,26 @@ def test_the_option_leaves_the_other_weights_initialisation_unchanged():
     assert set(fb) - set(fa) == {("repeat_bias",)}
     for k, v in fa.items():
         np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(fb[k][...]), err_msg=str(k))
+
+
+def test_history_bias_levels_keeps_the_offset_to_the_last_levels():
+    """history_bias_levels=1: only the last level's offset acts; the earlier ones are 0 in
+    the logits and get no gradient."""
+    cfg = DecoderConfig(enabled=True, num_layers=1, num_heads=2, head_dim=8, ffn_dim=16, dropout=0.0,
+                        history_bias=True, history_bias_levels=1)
+    dec = SemanticIDDecoder(8, SIZES, cfg, rngs=nnx.Rngs(0))
+    dec.repeat_bias[...] = jnp.array([1.0, 2.0, -3.0]) / REPEAT_BIAS_SCALE
+    np.testing.assert_allclose(np.asarray(dec.repeat_offsets()), [0.0, 0.0, -3.0], rtol=1e-6)
+    item_codes = jnp.asarray(random_unique_codes(np.random.default_rng(5), NUM_ITEMS, SIZES))
+    items = jnp.array([[1, 2, 3, 4], [5, 6, 0, 0]])
+    targets = jnp.array([[2, 3, 4, 7], [6, 9, 0, 0]])
+    states = jax.random.normal(jax.random.key(0), (2, 4, 8))
+    gd, params = nnx.split(dec)
+
+    def loss(p):
+        return decoder_loss(nnx.merge(gd, p), item_codes, states, jnp.array([4, 2]), targets, jax.random.key(1), 0,
+                            items=items)[0]
+
+    g = jax.grad(loss)(params)
+    grad = np.asarray(g["repeat_bias"][...])
+    assert grad[0] == 0 and grad[1] == 0 and np.isfinite(grad).all()
