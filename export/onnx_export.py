@@ -182,6 +182,7 @@ def model_facts(model, info: dict | None = None) -> dict[str, Any]:
             # Repeat-aware decoding: the beam-search driver adds repeat_bias[t] to the level-t
             # logits of codes that continue a beam's prefix into a history item (side/item_codes.npy).
             facts["repeat_bias"] = [float(x) for x in np.asarray(model.decoder.repeat_offsets())]
+            facts["repeat_mode"] = model.decoder.cfg.history_bias_mode
     if info:
         facts["dataset"] = info.get("name")
     return facts

@@ -20,7 +20,8 @@ hypothesis' score is the sum of its codes' log-softmax, the best W survive (the 
 the last level), and the self-attention cache follows its beams (gathered along W). A
 repeat-aware decoder (manifest ``model.repeat_bias``) adds ``repeat_bias[t]`` to the level-t
 logits of the codes that continue a beam's prefix into one of the row's history items
-(their semantic IDs from ``side/item_codes.npy``).
+(their semantic IDs from ``side/item_codes.npy``); with ``model.repeat_mode`` "item" only
+where that child holds the history item alone (``prefix_sizes`` == 1).
 """
 
 from __future__ import annotations
@@ -75,6 +76,28 @@ class TrieArrays:
         return mask.reshape(node.shape + (self.code_sizes[level],))
 
 
+def prefix_sizes(item_codes: np.ndarray) -> np.ndarray:
+    """int32 [N + 1, L]: how many items (rows 1..N) share each item's first t + 1 codes
+    (row 0, padding: 0) -- a history item marks level t in "item" mode where this is 1."""
+    codes = np.asarray(item_codes)[1:]
+    out = np.zeros((len(codes) + 1, codes.shape[1]), np.int32)
+    for t in range(codes.shape[1]):
+        _, inv, cnt = np.unique(codes[:, :t + 1], axis=0, return_inverse=True, return_counts=True)
+        out[1:, t] = cnt[inv.reshape(-1)]
+    return out
+
+
+def repeat_inputs(bias, mode: str, item_codes: np.ndarray, items: np.ndarray, sizes: np.ndarray | None = None):
+    """The ``history`` argument of :func:`beam_search` for history item ids ``items`` [B, N]
+    (0 = none): (bias [L], codes [B, N, L], valid [B, N], marks [B, N, L] or None)."""
+    items = np.asarray(items, np.int64)
+    marks = None
+    if mode == "item":
+        sizes = prefix_sizes(item_codes) if sizes is None else sizes
+        marks = sizes[items] == 1
+    return np.asarray(bias, np.float32), item_codes[items], items > 0, marks
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float32)
     m = np.max(x, axis=-1, keepdims=True)
@@ -105,6 +128,7 @@ class OnnxRecommender:
         self._sessions: dict[str, object] = {}
         self._trie: TrieArrays | None = None
         self._item_codes: np.ndarray | None = None
+        self._prefix_sizes: np.ndarray | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -143,14 +167,15 @@ class OnnxRecommender:
         return self._trie
 
     def repeat_history(self, batch: dict[str, np.ndarray]):
-        """(repeat_bias [L], history codes [B, N, L], valid [B, N]) for a repeat-aware decoder, else None."""
+        """``beam_search``'s ``history`` for a repeat-aware decoder (``repeat_inputs``), else None."""
         bias = self.manifest.model.get("repeat_bias")
         if bias is None:
             return None
+        mode = self.manifest.model.get("repeat_mode", "prefix")
         if self._item_codes is None:
             self._item_codes = np.load(self.dir / self.manifest.side_files["item_codes"]["file"])
-        items = np.asarray(batch["items"], np.int64)
-        return np.asarray(bias, np.float32), self._item_codes[items], items > 0
+            self._prefix_sizes = prefix_sizes(self._item_codes) if mode == "item" else None
+        return repeat_inputs(bias, mode, self._item_codes, batch["items"], self._prefix_sizes)
 
     def history(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ins, _ = self.manifest.graphs["encoder"].io(self.precision)
@@ -233,7 +258,8 @@ def beam_search(run_decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarr
 
     ``enc``: the encoder outputs (cross_k, cross_v, cross_valid); ``decode_inputs``: the
     manifest's decode_step input specs by name; ``history``: (repeat_bias [L], history codes
-    [B, N, L], valid [B, N]) for a repeat-aware decoder. Returns (items int32 [B, k], scores [B, k]).
+    [B, N, L], valid [B, N], marks [B, N, L] or None; see ``repeat_inputs``) for a
+    repeat-aware decoder. Returns (items int32 [B, k], scores [B, k]).
     """
     if k > beam_width:
         raise ValueError(f"beam_width ({beam_width}) must be >= k ({k})")
@@ -250,7 +276,7 @@ def beam_search(run_decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarr
     score = score.astype(np.float32)
     levels = trie.num_levels
     if history is not None:
-        bias, hcodes, hvalid = history
+        bias, hcodes, hvalid, marks = history
         match = np.broadcast_to(np.asarray(hvalid, bool)[:, None, :], (b, w, hvalid.shape[1]))  # [B, W, N]
     for level in range(levels):
         out = run_decode({
@@ -261,7 +287,8 @@ def beam_search(run_decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarr
         logits = out["logits"][..., :trie.code_sizes[level]]
         if history is not None:
             onehot = np.eye(trie.code_sizes[level], dtype=np.float32)[hcodes[..., level]]  # [B, N, K]
-            seen = np.einsum("bwn,bnk->bwk", match.astype(np.float32), onehot) > 0
+            m = match if marks is None else match & marks[:, None, :, level]
+            seen = np.einsum("bwn,bnk->bwk", m.astype(np.float32), onehot) > 0
             logits = logits + np.float32(bias[level]) * seen
         if renormalize:
             logits = np.where(trie.allowed_mask(level, node), logits, -np.inf)

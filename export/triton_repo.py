@@ -114,7 +114,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from genrec_beam import TrieArrays, beam_search
+from genrec_beam import TrieArrays, beam_search, prefix_sizes, repeat_inputs
 
 HISTORY = ("items", "actions", "timestamps", "query_timestamps", "lengths")
 
@@ -138,10 +138,12 @@ class TritonPythonModel:
         with open(os.path.join(here, "decode_inputs.json")) as f:
             self.decode_inputs = json.load(f)
         self.trie = TrieArrays(os.path.join(here, "trie.safetensors"))
-        self.repeat = None  # repeat-aware decoder: (repeat_bias [L], item codes [N + 1, L])
+        self.repeat = None  # repeat-aware decoder: {"bias": [L], "mode": str}, item codes, prefix sizes
         if os.path.exists(os.path.join(here, "repeat_bias.json")):
             with open(os.path.join(here, "repeat_bias.json")) as f:
-                self.repeat = (np.asarray(json.load(f), np.float32), np.load(os.path.join(here, "item_codes.npy")))
+                spec = json.load(f)
+            codes = np.load(os.path.join(here, "item_codes.npy"))
+            self.repeat = (spec, codes, prefix_sizes(codes) if spec["mode"] == "item" else None)
 
     def execute(self, requests):
         responses = []
@@ -151,8 +153,8 @@ class TritonPythonModel:
                 enc = _bls("encoder", hist, ["cross_k", "cross_v", "cross_valid"])
                 history = None
                 if self.repeat is not None:
-                    items = hist["items"].astype(np.int64)
-                    history = (self.repeat[0], self.repeat[1][items], items > 0)
+                    spec, codes, sizes = self.repeat
+                    history = repeat_inputs(spec["bias"], spec["mode"], codes, hist["items"], sizes)
                 items, scores = beam_search(
                     lambda feeds: _bls("decode_step", feeds, ["logits", "new_self_k", "new_self_v"]),
                     self.trie, enc, self.decode_inputs, k=self.k, beam_width=self.beam_width, history=history)
@@ -199,7 +201,8 @@ def write_repository(export_dir: str | Path, repo_dir: str | Path | None = None,
         shutil.copyfile(export_dir / manifest.side_files["trie"]["file"], d / "1" / "trie.safetensors")
         if manifest.model.get("repeat_bias") is not None:
             shutil.copyfile(export_dir / manifest.side_files["item_codes"]["file"], d / "1" / "item_codes.npy")
-            (d / "1" / "repeat_bias.json").write_text(json.dumps(manifest.model["repeat_bias"]))
+            (d / "1" / "repeat_bias.json").write_text(json.dumps({
+                "bias": manifest.model["repeat_bias"], "mode": manifest.model.get("repeat_mode", "prefix")}))
         dec_in, _ = manifest.graphs["decode_step"].io(precision)
         (d / "1" / "decode_inputs.json").write_text(json.dumps({t["name"]: t for t in dec_in}, indent=1))
     from genrec_jax.export.serving_readme import render_readme

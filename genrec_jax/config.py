@@ -138,8 +138,11 @@ class DecoderConfig:
     # search, evaluation and serving apply it). Learns "users do not buy the same item twice"
     # (or the opposite) from the data instead of a serving-time history filter.
     history_bias: bool = False
-    # Levels that get the offset: the last `history_bias_levels` (the ones that pin down the
-    # exact item, e.g. 1 = the de-duplication level); 0 = every level.
+    # What the offset marks at level t: "item" -- the code completes the path of one of the
+    # user's history items (the child holds that single item: the level where its path becomes
+    # unique, and every level below); "prefix" -- some history item lies under the child.
+    history_bias_mode: Literal["item", "prefix"] = "item"
+    # Levels that get the offset: the last `history_bias_levels`; 0 = every level.
     history_bias_levels: int = 0
 
 
@@ -405,6 +408,8 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
         _check(0.0 <= dc.dropout < 1.0, "model.decoder.dropout", f"must be in [0, 1), got {dc.dropout}", source)
         _check(dc.positions_per_seq >= 0, "model.decoder.positions_per_seq", "must be >= 0 (0 = every position)",
                source)
+        _check(dc.history_bias_mode in ("item", "prefix"), "model.decoder.history_bias_mode",
+               f"must be 'item' or 'prefix', got {dc.history_bias_mode!r}", source)
         _check(dc.history_bias_levels >= 0, "model.decoder.history_bias_levels",
                f"must be >= 0 (0 = every level), got {dc.history_bias_levels}", source)
         if dc.use_moe:

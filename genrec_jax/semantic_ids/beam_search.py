@@ -47,8 +47,9 @@ def beam_search(
 ) -> tuple[jax.Array, jax.Array]:
     """Top-``k`` items (int32 [B, k], best first) and their log-prob scores [B, k].
 
-    ``history``: (add_bias, codes int [B, N, L], valid bool [B, N]) -- the users' history
-    items' semantic IDs and ``add_bias(logits, level, seen)`` (the decoder's
+    ``history``: (add_bias, codes int [B, N, L], valid bool [B, N], marks bool [B, N, L] or
+    None) -- the users' history items' semantic IDs, which of them count at each level (the
+    decoder's ``history_marks``) and ``add_bias(logits, level, seen)`` (the decoder's
     ``add_repeat_bias``), applied to every level's logits before the softmax.
 
     ``beam_width`` (W) must be >= k. ``renormalize``: take each level's softmax over the
@@ -68,12 +69,13 @@ def beam_search(
     prev = jnp.zeros((b, w), jnp.int32)
     score = jnp.where(jnp.arange(w)[None, :] == 0, 0.0, -jnp.inf) * jnp.ones((b, 1), jnp.float32)
     if history is not None:
-        add_bias, hcodes, hvalid = history
+        add_bias, hcodes, hvalid, marks = history
         match = jnp.broadcast_to(hvalid[:, None, :], (b, w, hvalid.shape[1]))  # [B, W, N] shares the prefix
     for level in range(num_levels):
         logits, cache = decode_step(prev, level, cache, cross)  # [B, W, K]
         if history is not None:
-            logits = add_bias(logits, level, seen_codes(match, hcodes, level, logits.shape[-1]))
+            m = match if marks is None else match & marks[:, None, :, level]
+            logits = add_bias(logits, level, seen_codes(m, hcodes, level, logits.shape[-1]))
         if renormalize:
             logits = trie.mask_logits(level, node, logits)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -106,24 +108,28 @@ def beam_search(
 
 def decoder_beam_search(decoder, trie: Trie, states: jax.Array, lengths: jax.Array, *, beam_width: int, k: int,
                         renormalize: bool = False, uniform_last_level: bool = False,
-                        history_codes: jax.Array | None = None, history_valid: jax.Array | None = None):
+                        history_codes: jax.Array | None = None, history_valid: jax.Array | None = None,
+                        history_marks: jax.Array | None = None):
     """``beam_search`` driven by a :class:`SemanticIDDecoder`'s own prefill / decode_step.
-    ``history_codes`` int [B, N, L] / ``history_valid`` bool [B, N]: the users' history items'
-    semantic IDs, needed (and only used) when the decoder has the repeat offsets."""
+    ``history_codes`` int [B, N, L] / ``history_valid`` bool [B, N] / ``history_marks`` bool
+    [B, N, L] or None (the decoder's ``history_marks``): the users' history items, needed
+    (and only used) when the decoder has the repeat offsets."""
     history = None
     if getattr(decoder, "repeat_bias", None) is not None:
         if history_codes is None or history_valid is None:
             raise ValueError("this decoder was trained with model.decoder.history_bias: beam search needs the "
                              "users' history items (history_codes, history_valid)")
-        history = (decoder.add_repeat_bias, history_codes, history_valid)
+        history = (decoder.add_repeat_bias, history_codes, history_valid, history_marks)
     return beam_search(decoder.prefill, decoder.decode_step, decoder.init_cache, trie, states, lengths,
                        beam_width=beam_width, k=k, renormalize=renormalize, uniform_last_level=uniform_last_level,
                        history=history)
 
 
-def history_of(model, items: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(codes int [B, N, L], valid bool [B, N]) of history item ids ``items`` [B, N] (0 = none)."""
-    return jnp.take(model.item_codes[...], items, axis=0), items > 0
+def history_of(model, items: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(codes int [B, N, L], valid bool [B, N], marks bool [B, N, L] or None) of history item
+    ids ``items`` [B, N] (0 = none), for the model's repeat-aware decoder."""
+    table = model.item_codes[...]
+    return jnp.take(table, items, axis=0), items > 0, model.decoder.history_marks(table, items)
 
 
 def memory_of(model, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -138,10 +144,10 @@ def recommend(model, trie: Trie, batch: dict, *, beam_width: int, k: int, renorm
     if getattr(model, "decoder", None) is None:
         raise ValueError("the model has no semantic-ID decoder (model.decoder.enabled=false)")
     states, lengths = memory_of(model, batch)
-    hcodes, hvalid = history_of(model, batch["items"])
+    hcodes, hvalid, marks = history_of(model, batch["items"])
     return decoder_beam_search(model.decoder, trie, states, lengths, beam_width=beam_width, k=k,
                                renormalize=renormalize, uniform_last_level=uniform_last_level,
-                               history_codes=hcodes, history_valid=hvalid)
+                               history_codes=hcodes, history_valid=hvalid, history_marks=marks)
 
 
 def make_recommend_fn(model, *, beam_width: int, k: int, renormalize: bool = False,
@@ -173,7 +179,8 @@ def score_all_items(decoder, item_codes: jax.Array, states: jax.Array, lengths: 
     history = None
     if history_items is not None:
         visible = jnp.broadcast_to((history_items > 0)[:, None, :], (b, v, history_items.shape[1]))
-        history = (jnp.take(item_codes, history_items, axis=0), visible)
+        history = (jnp.take(item_codes, history_items, axis=0), visible,
+                   decoder.history_marks(item_codes, history_items))
     logits, _ = decoder(codes, cross, history=history)
     total = jnp.zeros((b, v), jnp.float32)
     if renormalize_trie is not None:

@@ -14,8 +14,11 @@ and ``logits_t = Head_t(LN(x_t))`` over level t's codebook (a separate head per 
 levels have different sizes). With ``history_bias`` (repeat-aware decoding) a learnt scalar
 per level, ``r_t``, is added to the logit of every code c that continues the prefix written
 so far into an item of the user's own history: ``logits_t[c] += r_t * seen_t(prefix, c)``
-(:func:`history_prefix_masks`; ``history_bias_levels`` > 0 keeps it to that many last
-levels). Trained with the cross entropy like every other weight, r_t
+(:func:`history_prefix_masks`). ``history_bias_mode="item"`` (default) marks the code only
+where the child holds a single item and that item is in the history (so the offset acts at
+the level where a seen item's path becomes unique, where its siblings can take the mass);
+``"prefix"`` marks it where any history item lies under the child; ``history_bias_levels`` >
+0 keeps it to that many last levels. Trained with the cross entropy like every other weight, r_t
 is what the data say about repeats: strongly negative where users never take an item twice
 (Amazon Beauty), positive where they come back to the same items. Training (``decoder_loss``): for a sequence with states
 s_0..s_{n-1} and next items t_0..t_{n-1}, position i decodes codes(t_i) from memory
@@ -183,7 +186,8 @@ class SemanticIDDecoder(nnx.Module):
 
         codes int [B, G, L] (targets), ``memory_mask`` bool [B, G, M] (default: the memory's
         own validity). ``history``: (codes int [B, N, L] of the history items, visible bool
-        [B, G, N]: which of them each row has seen), used when ``history_bias`` is on.
+        [B, G, N]: which of them each row has seen, and per-level marks bool [B, N, L] or
+        None -- see :meth:`history_marks`), used when ``history_bias`` is on.
         Returns (list over levels of [B, G, K_t], aux losses).
         """
         t = num_levels or self.num_levels
@@ -200,9 +204,17 @@ class SemanticIDDecoder(nnx.Module):
         h = self.final_norm(x)
         logits = [self.heads[level](h[:, :, level]).astype(jnp.float32) for level in range(t)]
         if self.repeat_bias is not None and history is not None:
-            seen = history_prefix_masks(history[0], history[1], codes, self.code_sizes[:t])
+            seen = history_prefix_masks(history[0], history[1], codes, self.code_sizes[:t], marks=history[2])
             logits = [self.add_repeat_bias(lg, level, s_) for level, (lg, s_) in enumerate(zip(logits, seen))]
         return logits, aux_all
+
+    def history_marks(self, item_codes: jax.Array, items: jax.Array) -> jax.Array | None:
+        """Per level, which history items ``items`` [B, N] may mark a code there: bool
+        [B, N, L] in "item" mode (their path is unique at that level: the child holds that
+        one item), None in "prefix" mode (every one)."""
+        if self.cfg.history_bias_mode != "item":
+            return None
+        return jnp.take(prefix_sizes(item_codes), items, axis=0) == 1
 
     def repeat_offsets(self) -> jax.Array:
         """The per-level repeat offsets r_t in logit units, float32 [L]. The parameter holds
@@ -253,15 +265,36 @@ def seen_codes(match: jax.Array, history_codes: jax.Array, level: int, size: int
     return jnp.einsum("bgn,bnk->bgk", match.astype(jnp.float32), onehot) > 0
 
 
+def prefix_sizes(item_codes: jax.Array) -> jax.Array:
+    """int32 [N + 1, L]: for each item (rows 1..N) and level t, how many items share its
+    first t + 1 codes (1 = its path is unique from level t on); row 0 (padding) is 0. Jittable
+    (a lexicographic sort and segment counts); the export's NumPy driver has its own
+    (``export/ort_client.prefix_sizes``), tested equal."""
+    codes = jnp.asarray(item_codes)[1:]
+    n, num_levels = codes.shape
+    order = jnp.lexsort(tuple(codes[:, t] for t in reversed(range(num_levels))))  # level 0 most significant
+    srt = codes[order]
+    new = jnp.arange(n) == 0
+    cols = []
+    for t in range(num_levels):
+        new = new | jnp.concatenate([jnp.ones((1,), bool), srt[1:, t] != srt[:-1, t]])
+        seg = jnp.cumsum(new) - 1
+        cols.append(jnp.zeros((n,), jnp.int32).at[seg].add(1)[seg])
+    sizes = jnp.zeros((n, num_levels), jnp.int32).at[order].set(jnp.stack(cols, 1))
+    return jnp.concatenate([jnp.zeros((1, num_levels), jnp.int32), sizes])
+
+
 def history_prefix_masks(history_codes: jax.Array, visible: jax.Array, codes: jax.Array,
-                         code_sizes: Sequence[int]) -> list[jax.Array]:
+                         code_sizes: Sequence[int], marks: jax.Array | None = None) -> list[jax.Array]:
     """Per level t, bool [B, G, K_t]: the codes c for which some visible history item j has
     ``codes_j[:t] == codes[..., :t]`` and ``codes_j[t] == c`` (teacher forcing: the prefix
-    is the true one). history_codes int [B, N, L], visible bool [B, G, N], codes int [B, G, >= T]."""
+    is the true one), counting at level t only the items with ``marks[..., t]`` when given.
+    history_codes int [B, N, L], visible bool [B, G, N], codes int [B, G, >= T], marks bool [B, N, L]."""
     match = visible
     out = []
     for t, size in enumerate(code_sizes):
-        out.append(seen_codes(match, history_codes, t, size))
+        m = match if marks is None else match & marks[:, None, :, t]
+        out.append(seen_codes(m, history_codes, t, size))
         if t + 1 < len(code_sizes):
             match = match & (history_codes[:, None, :, t] == codes[..., t:t + 1])
     return out
@@ -319,7 +352,8 @@ def decoder_loss(decoder: SemanticIDDecoder, item_codes: jax.Array, states: jax.
     if decoder.repeat_bias is not None:
         if items is None:
             raise ValueError("model.decoder.history_bias needs the history items (items=) in decoder_loss")
-        history = (jnp.take(item_codes, items, axis=0), memory_mask & (items > 0)[:, None, :])
+        history = (jnp.take(item_codes, items, axis=0), memory_mask & (items > 0)[:, None, :],
+                   decoder.history_marks(item_codes, items))
     logits, aux = decoder(codes, cross, memory_mask, key=dropout_key, history=history)
     ce = sum(optax.softmax_cross_entropy_with_integer_labels(lg, codes[..., t]) for t, lg in enumerate(logits))
     ce = ce / len(logits)
@@ -347,7 +381,7 @@ def decoder_loss(decoder: SemanticIDDecoder, item_codes: jax.Array, states: jax.
         hw = (uvalid & (hist > 0) & (hist != utgt)).astype(jnp.float32)
         hcodes = jnp.take(item_codes, hist, axis=0)
         hkey = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
-        hhist = None if history is None else (history[0], umask & (items > 0)[:, None, :])
+        hhist = None if history is None else (history[0], umask & (items > 0)[:, None, :], history[2])
         hlogits, _ = decoder(hcodes, cross, umask, key=hkey, history=hhist)
         first = len(hlogits) - max(1, min(unlikelihood_levels, len(hlogits)))
         logp = sum(jnp.take_along_axis(jax.nn.log_softmax(lg.astype(jnp.float32), -1), hcodes[..., t:t + 1],

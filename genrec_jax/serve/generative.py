@@ -54,7 +54,10 @@ class SemanticSide:
         # items' semantic IDs, looked up on the host in the live code table (grows with
         # registrations).
         self.repeat_aware = getattr(getattr(model, "decoder", None), "repeat_bias", None) is not None
-        self.live_codes = np.asarray(model.item_codes[...], np.int32) if self.repeat_aware else None
+        self.repeat_item_mode = self.repeat_aware and model.decoder.cfg.history_bias_mode == "item"
+        self.live_codes = self._sizes = None
+        if self.repeat_aware:
+            self._set_live_codes(np.asarray(model.item_codes[...], np.int32))
         self.semantic_dir = semantic_dir
         self.has_decoder = getattr(model, "decoder", None) is not None
         # Training interaction counts [N + 1] (placement without a decoder); new items count 0.
@@ -151,15 +154,25 @@ class SemanticSide:
         if self.can_generate:
             self.trie = reg.trie
         if self.repeat_aware:
-            self.live_codes = np.concatenate([self.live_codes, np.asarray(reg.codes, np.int32)])
+            self._set_live_codes(np.concatenate([self.live_codes, np.asarray(reg.codes, np.int32)]))
 
-    def history_codes(self, windows: Sequence, batch: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """(codes int32 [batch, max_len, L], valid bool [batch, max_len]) of the windows'
-        items (internal ids; rows past ``len(windows)`` empty), for a repeat-aware decoder."""
+    def _set_live_codes(self, codes: np.ndarray) -> None:
+        from genrec_jax.semantic_ids.decoder import prefix_sizes
+
+        self.live_codes = codes
+        self._sizes = np.asarray(prefix_sizes(codes)) if self.repeat_item_mode else None
+
+    def history_codes(self, windows: Sequence, batch: int, max_len: int) -> tuple:
+        """(codes int32 [batch, max_len, L], valid bool [batch, max_len], marks bool
+        [batch, max_len, L] or None) of the windows' items (internal ids; rows past
+        ``len(windows)`` empty), for a repeat-aware decoder (see ``decoder.history_marks``)."""
         codes = np.zeros((batch, max_len, self.live_codes.shape[1]), np.int32)
         valid = np.zeros((batch, max_len), bool)
+        marks = None if self._sizes is None else np.zeros(codes.shape, bool)
         for r, w in enumerate(windows):
             items = np.asarray(w.items[-max_len:])
             codes[r, :len(items)] = self.live_codes[items]
             valid[r, :len(items)] = items > 0
-        return codes, valid
+            if marks is not None:
+                marks[r, :len(items)] = self._sizes[items] == 1
+        return codes, valid, marks

@@ -160,33 +160,39 @@ def test_fp16_client_retrieval_mostly_agrees(tiny_export, histories):
     assert np.mean(a == b) > 0.8
 
 
-def test_repeat_aware_beam_search_equals_jax_driver(decoder_export, decoder_model, real_batch):
-    """A repeat-aware export (manifest model.repeat_bias) adds the offsets in the NumPy
-    driver from the history's semantic IDs (side/item_codes.npy): same beams as the JAX
-    driver with the same offsets. The decode_step graph itself is unchanged by the option."""
+@pytest.mark.parametrize("mode", ["item", "prefix"])
+def test_repeat_aware_beam_search_equals_jax_driver(decoder_export, decoder_model, real_batch, mode):
+    """A repeat-aware export (manifest model.repeat_bias / repeat_mode) adds the offsets in
+    the NumPy driver from the history's semantic IDs (side/item_codes.npy): same beams as
+    the JAX driver with the same offsets. The decode_step graph itself is unchanged by the
+    option."""
     import jax
     import jax.numpy as jnp
 
     from genrec_jax.export.ort_client import OnnxRecommender
-    from genrec_jax.semantic_ids.beam_search import beam_search, history_of
+    from genrec_jax.semantic_ids.beam_search import beam_search
+    from genrec_jax.semantic_ids.decoder import prefix_sizes
     from genrec_jax.semantic_ids.trie import Trie
 
     offsets = np.array([0.7, -1.2, -25.0], np.float32)
     client = OnnxRecommender(decoder_export.out_dir)
-    client.manifest.model["repeat_bias"] = offsets.tolist()
+    client.manifest.model.update(repeat_bias=offsets.tolist(), repeat_mode=mode)
     feeds = {k: real_batch[k][:16] for k in ("items", "actions", "timestamps", "query_timestamps", "lengths")}
     with pytest.raises(ValueError, match="repeat-aware"):
         client.beam_search(client.encode(feeds), k=5, beam_width=6)
     items, scores = client.recommend(feeds, k=5, beam_width=6)
-    trie = Trie.from_item_codes(np.asarray(decoder_model.item_codes[...]), decoder_model.decoder.code_sizes)
+    table = jnp.asarray(decoder_model.item_codes[...])
+    trie = Trie.from_item_codes(np.asarray(table), decoder_model.decoder.code_sizes)
 
     @jax.jit
     def want_fn(b):
         dec = decoder_model.decoder
         states, _ = decoder_model.encode(b)
         add = lambda lg, t, seen: lg + jnp.asarray(offsets)[t] * seen  # noqa: E731
+        marks = jnp.take(prefix_sizes(table), b["items"], axis=0) == 1 if mode == "item" else None
+        history = (add, jnp.take(table, b["items"], axis=0), b["items"] > 0, marks)
         return beam_search(dec.prefill, dec.decode_step, dec.init_cache, trie, states, b["lengths"], beam_width=6,
-                           k=6, history=(add, *history_of(decoder_model, b["items"])))
+                           k=6, history=history)
 
     want_items, want_scores = map(np.asarray, want_fn({k: jnp.asarray(v) for k, v in feeds.items()}))
     assert np.array_equal(items, want_items[:, :5])

@@ -97,7 +97,7 @@ def test_recommend_bls_model_runs_the_client_beam_search(decoder_export, real_ba
         export_dir = tmp_path / "export"
         shutil.copytree(decoder_export.out_dir, export_dir)
         manifest = json.loads((export_dir / "manifest.json").read_text())
-        manifest["model"]["repeat_bias"] = [0.5, -1.0, -25.0]
+        manifest["model"].update(repeat_bias=[0.5, -1.0, -25.0], repeat_mode="item")
         (export_dir / "manifest.json").write_text(json.dumps(manifest))
     repo = write_repository(export_dir, tmp_path / "repo", k=5, beam_width=8)
     assert (repo / "recommend" / "1" / "repeat_bias.json").exists() == repeat_aware

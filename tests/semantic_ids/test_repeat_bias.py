@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from genrec_jax.config import DecoderConfig
 from genrec_jax.semantic_ids.beam_search import beam_search, score_all_items
 from genrec_jax.semantic_ids.decoder import (REPEAT_BIAS_SCALE, SemanticIDDecoder, decoder_loss,
-                                             history_prefix_masks)
+                                             history_prefix_masks, prefix_sizes)
 from genrec_jax.semantic_ids.trie import Trie
 
 from .conftest import random_unique_codes
@@ -22,7 +22,7 @@ SIZES = (4, 3, 2)
 NUM_ITEMS = 14
 
 
-def brute_force_masks(hcodes, visible, codes, sizes):
+def brute_force_masks(hcodes, visible, codes, sizes, marks=None):
     b, g, n = visible.shape
     out = [np.zeros((b, g, k), bool) for k in sizes]
     for i in range(b):
@@ -31,35 +31,56 @@ def brute_force_masks(hcodes, visible, codes, sizes):
                 if not visible[i, p, j]:
                     continue
                 for t in range(len(sizes)):
-                    if (hcodes[i, j, :t] == codes[i, p, :t]).all():
+                    if (hcodes[i, j, :t] == codes[i, p, :t]).all() and (marks is None or marks[i, j, t]):
                         out[t][i, p, hcodes[i, j, t]] = True
     return out
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 7), g=st.integers(1, 4))
-def test_history_prefix_masks_equal_brute_force(seed, n, g):
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 7), g=st.integers(1, 4), with_marks=st.booleans())
+def test_history_prefix_masks_equal_brute_force(seed, n, g, with_marks):
     rng = np.random.default_rng(seed)
     b = 2
     hcodes = np.stack([rng.integers(0, k, (b, n)) for k in SIZES], -1)
     codes = np.stack([rng.integers(0, k, (b, g)) for k in SIZES], -1)
     codes[:, 0] = hcodes[:, 0]  # some rows share long prefixes with the history
     visible = rng.random((b, g, n)) < 0.7
-    got = history_prefix_masks(jnp.asarray(hcodes), jnp.asarray(visible), jnp.asarray(codes), SIZES)
-    want = brute_force_masks(hcodes, visible, codes, SIZES)
+    marks = rng.random((b, n, len(SIZES))) < 0.5 if with_marks else None
+    got = history_prefix_masks(jnp.asarray(hcodes), jnp.asarray(visible), jnp.asarray(codes), SIZES,
+                               marks=None if marks is None else jnp.asarray(marks))
+    want = brute_force_masks(hcodes, visible, codes, SIZES, marks)
     for t in range(len(SIZES)):
         np.testing.assert_array_equal(np.asarray(got[t]), want[t], err_msg=f"level {t}")
 
 
-@pytest.fixture(scope="module")
-def setup():
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 30))
+def test_prefix_sizes_count_items_sharing_each_prefix(seed, n):
+    """JAX (training, beam search) and NumPy (export driver) versions against a brute count."""
+    from genrec_jax.export.ort_client import prefix_sizes as prefix_sizes_np
+
+    rng = np.random.default_rng(seed)
+    table = np.concatenate([np.zeros((1, 3), np.int32), np.stack([rng.integers(0, 2, n), rng.integers(0, 3, n),
+                                                                 rng.integers(0, 4, n)], 1)]).astype(np.int32)
+    want = np.zeros_like(table)
+    for i in range(1, n + 1):
+        for t in range(3):
+            want[i, t] = sum((table[j, :t + 1] == table[i, :t + 1]).all() for j in range(1, n + 1))
+    np.testing.assert_array_equal(np.asarray(prefix_sizes(jnp.asarray(table))), want)
+    np.testing.assert_array_equal(prefix_sizes_np(table), want)
+
+
+@pytest.fixture(scope="module", params=["item", "prefix"])
+def setup(request):
     cfg = DecoderConfig(enabled=True, num_layers=1, num_heads=2, head_dim=8, ffn_dim=16, dropout=0.0,
-                        history_bias=True)
+                        history_bias=True, history_bias_mode=request.param)
     dec = SemanticIDDecoder(8, SIZES, cfg, rngs=nnx.Rngs(0))
     for head in dec.heads:
         head.kernel[...] = head.kernel[...] * 8.0
     dec.repeat_bias[...] = jnp.array([0.8, -1.5, -3.0]) / REPEAT_BIAS_SCALE
     table = random_unique_codes(np.random.default_rng(1), NUM_ITEMS, SIZES)
+    # 14 items over 12 two-level prefixes: some paths become unique only at the last level
+    assert len({tuple(r) for r in table[1:, :2]}) < NUM_ITEMS
     trie = Trie.from_item_codes(table, SIZES)
     graphdef, state = nnx.split(dec)
     states = jax.random.normal(jax.random.key(2), (3, 5, 8))
@@ -70,7 +91,8 @@ def setup():
     def search(state, bias):
         d = nnx.merge(graphdef, state)
         d.repeat_bias[...] = bias / REPEAT_BIAS_SCALE
-        history = (d.add_repeat_bias, jnp.take(jnp.asarray(table), hist, axis=0), hist > 0)
+        history = (d.add_repeat_bias, jnp.take(jnp.asarray(table), hist, axis=0), hist > 0,
+                   d.history_marks(jnp.asarray(table), hist))
         return beam_search(d.prefill, d.decode_step, d.init_cache, trie, states, lengths, beam_width=NUM_ITEMS,
                            k=6, history=history)
 
@@ -154,7 +176,8 @@ def test_repeat_bias_learns_that_users_do_not_repeat():
         cross = dec.prefill(states, lengths)
         hc = jnp.take(item_codes, hist_tgt, axis=0)
         mem = jnp.broadcast_to(jnp.arange(n)[None, None, :] <= n - 1, (b, n, n))
-        logits, _ = dec(hc, cross, mem, history=(hc, mem) if history_bias else None)
+        history = (hc, mem, dec.history_marks(item_codes, hist_tgt)) if history_bias else None
+        logits, _ = dec(hc, cross, mem, history=history)
         logp = sum(jnp.take_along_axis(jax.nn.log_softmax(lg, -1), hc[..., t:t + 1], -1)[..., 0]
                    for t, lg in enumerate(logits))
         return float(ce), float(jnp.exp(logp).mean()), m
