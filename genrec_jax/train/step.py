@@ -26,8 +26,22 @@ from genrec_jax.train import losses
 HOST_ONLY_KEYS = ("history_items",)
 
 
+# Learnt scalars left out of the global-norm gradient clip. The decoder's repeat offsets are
+# stored scaled down (decoder.REPEAT_BIAS_SCALE), so their gradients are large while they
+# grow; inside the clip they would set the step of every other weight for the first
+# thousand-odd steps. Adam normalises each parameter's step on its own, so they need no clip.
+UNCLIPPED = ("repeat_bias",)
+
+
+def clip_mask(params):
+    """True for the parameters the global-norm clip covers (all but ``UNCLIPPED`` names)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(name in jax.tree_util.keystr(path) for name in UNCLIPPED), params)
+
+
 def make_optimizer(tcfg: TrainConfig, num_steps: int | None = None, learning_rate: float | None = None):
-    """AdamW with linear warm-up and cosine decay; weight decay on matrices only."""
+    """AdamW with linear warm-up and cosine decay; weight decay on matrices only; gradients
+    clipped to ``max_grad_norm`` by global norm (all but ``UNCLIPPED``)."""
     lr = tcfg.learning_rate if learning_rate is None else learning_rate
     steps = tcfg.num_steps if num_steps is None else num_steps
     warmup = min(tcfg.warmup_steps, max(steps - 1, 0))
@@ -37,7 +51,7 @@ def make_optimizer(tcfg: TrainConfig, num_steps: int | None = None, learning_rat
     )
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
     return optax.chain(
-        optax.clip_by_global_norm(tcfg.max_grad_norm),
+        optax.masked(optax.clip_by_global_norm(tcfg.max_grad_norm), clip_mask),
         optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay, mask=decay_mask),
     ), schedule
 

@@ -234,3 +234,29 @@ def test_history_bias_levels_keeps_the_offset_to_the_last_levels():
     g = jax.grad(loss)(params)
     grad = np.asarray(g["repeat_bias"][...])
     assert grad[0] == 0 and grad[1] == 0 and np.isfinite(grad).all()
+
+
+def test_repeat_offsets_do_not_scale_the_other_gradients_through_the_clip():
+    """The global-norm clip leaves the repeat offsets out: a huge gradient on them changes
+    nothing in the other weights' updates (over two steps, so Adam's moments would show it)."""
+    from genrec_jax.config import TrainConfig
+    from genrec_jax.train.step import make_optimizer
+
+    cfg = DecoderConfig(enabled=True, num_layers=1, num_heads=2, head_dim=8, ffn_dim=16, history_bias=True)
+    params = nnx.state(SemanticIDDecoder(8, SIZES, cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    tx, _ = make_optimizer(TrainConfig(max_grad_norm=1.0, learning_rate=1e-2, warmup_steps=0, num_steps=10))
+
+    def run(repeat_grad):
+        p, opt = params, tx.init(params)
+        for g_rep in (repeat_grad, 0.0):
+            grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), p)
+            grads["repeat_bias"][...] = jnp.full((len(SIZES),), g_rep)
+            upd, opt = tx.update(grads, opt, p)
+            p = optax.apply_updates(p, upd)
+        return p
+
+    a, b = run(1e4), run(0.0)
+    assert not np.allclose(np.asarray(a["repeat_bias"][...]), np.asarray(b["repeat_bias"][...]))
+    for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)):
+        if "repeat_bias" not in jax.tree_util.keystr(path):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, err_msg=jax.tree_util.keystr(path))
