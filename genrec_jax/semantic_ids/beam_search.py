@@ -43,7 +43,7 @@ def beam_search(
     k: int,
     renormalize: bool = False,
     uniform_last_level: bool = False,
-    history: tuple[Callable, jax.Array, jax.Array] | None = None,
+    history: tuple[Callable, jax.Array, jax.Array, jax.Array | None] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Top-``k`` items (int32 [B, k], best first) and their log-prob scores [B, k].
 
@@ -144,7 +144,9 @@ def recommend(model, trie: Trie, batch: dict, *, beam_width: int, k: int, renorm
     if getattr(model, "decoder", None) is None:
         raise ValueError("the model has no semantic-ID decoder (model.decoder.enabled=false)")
     states, lengths = memory_of(model, batch)
-    hcodes, hvalid, marks = history_of(model, batch["items"])
+    hcodes = hvalid = marks = None
+    if model.decoder.repeat_bias is not None:
+        hcodes, hvalid, marks = history_of(model, batch["items"])
     return decoder_beam_search(model.decoder, trie, states, lengths, beam_width=beam_width, k=k,
                                renormalize=renormalize, uniform_last_level=uniform_last_level,
                                history_codes=hcodes, history_valid=hvalid, history_marks=marks)

@@ -212,7 +212,7 @@ class SemanticIDDecoder(nnx.Module):
         """Per level, which history items ``items`` [B, N] may mark a code there: bool
         [B, N, L] in "item" mode (their path is unique at that level: the child holds that
         one item), None in "prefix" mode (every one)."""
-        if self.cfg.history_bias_mode != "item":
+        if self.repeat_bias is None or self.cfg.history_bias_mode != "item":
             return None
         return jnp.take(prefix_sizes(item_codes), items, axis=0) == 1
 
