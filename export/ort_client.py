@@ -166,16 +166,29 @@ class OnnxRecommender:
             self._trie = TrieArrays(self.dir / entry["file"])
         return self._trie
 
+    def _codes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The item -> semantic ID side file and its prefix sizes (loaded once)."""
+        if self._item_codes is None:
+            self._item_codes = np.load(self.dir / self.manifest.side_files["item_codes"]["file"])
+            self._prefix_sizes = prefix_sizes(self._item_codes)
+        return self._item_codes, self._prefix_sizes
+
     def repeat_history(self, batch: dict[str, np.ndarray]):
         """``beam_search``'s ``history`` for a repeat-aware decoder (``repeat_inputs``), else None."""
         bias = self.manifest.model.get("repeat_bias")
         if bias is None:
             return None
-        mode = self.manifest.model.get("repeat_mode", "prefix")
-        if self._item_codes is None:
-            self._item_codes = np.load(self.dir / self.manifest.side_files["item_codes"]["file"])
-            self._prefix_sizes = prefix_sizes(self._item_codes) if mode == "item" else None
-        return repeat_inputs(bias, mode, self._item_codes, batch["items"], self._prefix_sizes)
+        codes, sizes = self._codes()
+        return repeat_inputs(bias, self.manifest.model.get("repeat_mode", "prefix"), codes, batch["items"], sizes)
+
+    def exclusion(self, exclude: list[np.ndarray]):
+        """``beam_search``'s ``exclude`` for per-row item id lists."""
+        codes, sizes = self._codes()
+        width = max([len(e) for e in exclude] + [1])
+        ids = np.zeros((len(exclude), width), np.int64)
+        for r, e in enumerate(exclude):
+            ids[r, :len(e)] = np.asarray(e, np.int64)
+        return codes[ids], ids > 0, sizes[ids] == 1
 
     def history(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ins, _ = self.manifest.graphs["encoder"].io(self.precision)
@@ -215,15 +228,17 @@ class OnnxRecommender:
                   encoded: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Generative recommendation: encoder, then trie-constrained beam search over
         ``decode_step`` with ``beam_width`` (default k) beams kept to the end; excluded items
-        (per row) are dropped from the final beams and the best k remain, as the serving
-        engine does. Returns (item ids int32 [B, k], log-prob scores [B, k]); slots with no
-        valid item are item 0 with score -inf."""
+        (per row) are dropped inside the search where their paths become unique, and from
+        the final beams, and the best k remain, as the serving engine does. Returns (item ids
+        int32 [B, k], log-prob scores [B, k]); slots with no valid item are item 0 with score
+        -inf."""
         w = beam_width or k
         if k > w:
             raise ValueError(f"beam_width ({w}) must be >= k ({k})")
         enc = encoded if encoded is not None else self.encode(batch)
         items, scores = self.beam_search(enc, k=w, beam_width=w, renormalize=renormalize,
-                                         history=self.repeat_history(batch))
+                                         history=self.repeat_history(batch),
+                                         exclude=self.exclusion(exclude) if exclude else None)
         hit = items == 0
         for r, ex in enumerate(exclude or []):
             hit[r] |= np.isin(items[r], np.asarray(ex))
@@ -233,12 +248,12 @@ class OnnxRecommender:
         return np.where(np.isfinite(top), items, 0).astype(np.int32), top
 
     def beam_search(self, enc: dict[str, np.ndarray], *, k: int, beam_width: int,
-                    renormalize: bool = False, history=None) -> tuple[np.ndarray, np.ndarray]:
+                    renormalize: bool = False, history=None, exclude=None) -> tuple[np.ndarray, np.ndarray]:
         if history is None and self.manifest.model.get("repeat_bias") is not None:
             raise ValueError("this export's decoder is repeat-aware: pass history= (see repeat_history)")
         ins, _ = self.manifest.graphs["decode_step"].io(self.precision)
         return beam_search(lambda feeds: self.run("decode_step", feeds), self.trie, enc, {t["name"]: t for t in ins},
-                           k=k, beam_width=beam_width, renormalize=renormalize, history=history)
+                           k=k, beam_width=beam_width, renormalize=renormalize, history=history, exclude=exclude)
 
     def rank(self, batch: dict[str, np.ndarray], candidates: np.ndarray,
              candidate_timestamp: np.ndarray) -> dict[str, np.ndarray]:
@@ -252,14 +267,16 @@ class OnnxRecommender:
 
 def beam_search(run_decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], trie: TrieArrays,
                 enc: dict[str, np.ndarray], decode_inputs: dict[str, dict], *, k: int, beam_width: int,
-                renormalize: bool = False, history=None) -> tuple[np.ndarray, np.ndarray]:
+                renormalize: bool = False, history=None, exclude=None) -> tuple[np.ndarray, np.ndarray]:
     """Trie-constrained beam search driving a ``decode_step`` graph through ``run_decode``
     (ONNX Runtime here, a Triton BLS call in the generated ``recommend`` model).
 
     ``enc``: the encoder outputs (cross_k, cross_v, cross_valid); ``decode_inputs``: the
     manifest's decode_step input specs by name; ``history``: (repeat_bias [L], history codes
     [B, N, L], valid [B, N], marks [B, N, L] or None; see ``repeat_inputs``) for a
-    repeat-aware decoder. Returns (items int32 [B, k], scores [B, k]).
+    repeat-aware decoder; ``exclude``: (codes [B, E, L], valid [B, E], unique marks [B, E, L])
+    of items dropped where their paths become unique (``OnnxRecommender.exclusion``).
+    Returns (items int32 [B, k], scores [B, k]).
     """
     if k > beam_width:
         raise ValueError(f"beam_width ({beam_width}) must be >= k ({k})")
@@ -278,6 +295,9 @@ def beam_search(run_decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarr
     if history is not None:
         bias, hcodes, hvalid, marks = history
         match = np.broadcast_to(np.asarray(hvalid, bool)[:, None, :], (b, w, hvalid.shape[1]))  # [B, W, N]
+    if exclude is not None:
+        xcodes, xvalid, xmarks = exclude
+        xmatch = np.broadcast_to(np.asarray(xvalid, bool)[:, None, :], (b, w, xvalid.shape[1]))  # [B, W, E]
     for level in range(levels):
         out = run_decode({
             "prev_codes": prev.astype(np.int32), "level": np.array([level], np.int32),
@@ -295,6 +315,11 @@ def beam_search(run_decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarr
         logp = log_softmax(logits)
         codes, nxt, valid = trie.children(level, node)  # [B, W, F]
         f = codes.shape[-1]
+        if exclude is not None:
+            onehot = np.eye(trie.code_sizes[level], dtype=np.float32)[xcodes[..., level]]  # [B, E, K]
+            xm = xmatch & xmarks[:, None, :, level]
+            banned = np.einsum("bwe,bek->bwk", xm.astype(np.float32), onehot) > 0
+            valid = valid & ~np.take_along_axis(banned, codes, axis=-1)
         with np.errstate(invalid="ignore"):
             cand = score[..., None] + np.take_along_axis(logp, codes, axis=-1)
         cand = np.where(valid & np.isfinite(score)[..., None], cand, -np.inf).reshape(b, w * f)
@@ -311,6 +336,8 @@ def beam_search(run_decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarr
         score = top.astype(np.float32)
         if level < levels - 1 and history is not None:
             match = np.take_along_axis(match, parent[..., None], axis=1) & (hcodes[:, None, :, level] == prev[..., None])
+        if level < levels - 1 and exclude is not None:
+            xmatch = np.take_along_axis(xmatch, parent[..., None], axis=1) & (xcodes[:, None, :, level] == prev[..., None])
         if level < levels - 1:
             sel = parent[:, None, :, None, None, None]
             self_k = np.take_along_axis(self_k, sel, axis=2)

@@ -44,6 +44,7 @@ def beam_search(
     renormalize: bool = False,
     uniform_last_level: bool = False,
     history: tuple[Callable, jax.Array, jax.Array, jax.Array | None] | None = None,
+    exclude: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Top-``k`` items (int32 [B, k], best first) and their log-prob scores [B, k].
 
@@ -51,6 +52,12 @@ def beam_search(
     None) -- the users' history items' semantic IDs, which of them count at each level (the
     decoder's ``history_marks``) and ``add_bias(logits, level, seen)`` (the decoder's
     ``add_repeat_bias``), applied to every level's logits before the softmax.
+
+    ``exclude``: (codes int [B, E, L], valid bool [B, E], marks bool [B, E, L]) of items
+    that must not come back, marks = their path is unique at that level (``prefix_sizes ==
+    1``). A candidate whose child holds only excluded items' paths is dropped where it
+    becomes unique, so the beams go to other items and k results come back whenever k
+    reachable items are left. The other candidates' scores are unchanged.
 
     ``beam_width`` (W) must be >= k. ``renormalize``: take each level's softmax over the
     codes the trie allows only (instead of the full codebook). ``uniform_last_level``: score
@@ -71,6 +78,9 @@ def beam_search(
     if history is not None:
         add_bias, hcodes, hvalid, marks = history
         match = jnp.broadcast_to(hvalid[:, None, :], (b, w, hvalid.shape[1]))  # [B, W, N] shares the prefix
+    if exclude is not None:
+        xcodes, xvalid, xmarks = exclude
+        xmatch = jnp.broadcast_to(xvalid[:, None, :], (b, w, xvalid.shape[1]))  # [B, W, E]
     for level in range(num_levels):
         logits, cache = decode_step(prev, level, cache, cross)  # [B, W, K]
         if history is not None:
@@ -86,6 +96,9 @@ def beam_search(
             siblings = jnp.maximum(jnp.sum(valid, axis=-1, keepdims=True), 1).astype(jnp.float32)
             step_logp = jnp.broadcast_to(-jnp.log(siblings), step_logp.shape)
         cand = score[..., None] + step_logp
+        if exclude is not None:
+            banned = seen_codes(xmatch & xmarks[:, None, :, level], xcodes, level, logp.shape[-1])  # [B, W, K]
+            valid = valid & ~jnp.take_along_axis(banned, codes, axis=-1)
         cand = jnp.where(valid & jnp.isfinite(score)[..., None], cand, -jnp.inf).reshape(b, w * f)
         width = w if level < num_levels - 1 else k
         take = min(width, w * f)
@@ -100,6 +113,9 @@ def beam_search(
         score = top
         if level < num_levels - 1 and history is not None:
             match = jnp.take_along_axis(match, parent[..., None], axis=1) & (hcodes[:, None, :, level] == prev[..., None])
+        if level < num_levels - 1 and exclude is not None:
+            xmatch = (jnp.take_along_axis(xmatch, parent[..., None], axis=1)
+                      & (xcodes[:, None, :, level] == prev[..., None]))
         if level < num_levels - 1:
             sel = parent[None, :, :, None, None, None]
             cache = type(cache)(*(jnp.take_along_axis(c, sel, axis=2) for c in cache))
@@ -109,11 +125,11 @@ def beam_search(
 def decoder_beam_search(decoder, trie: Trie, states: jax.Array, lengths: jax.Array, *, beam_width: int, k: int,
                         renormalize: bool = False, uniform_last_level: bool = False,
                         history_codes: jax.Array | None = None, history_valid: jax.Array | None = None,
-                        history_marks: jax.Array | None = None):
+                        history_marks: jax.Array | None = None, exclude=None):
     """``beam_search`` driven by a :class:`SemanticIDDecoder`'s own prefill / decode_step.
     ``history_codes`` int [B, N, L] / ``history_valid`` bool [B, N] / ``history_marks`` bool
     [B, N, L] or None (the decoder's ``history_marks``): the users' history items, needed
-    (and only used) when the decoder has the repeat offsets."""
+    (and only used) when the decoder has the repeat offsets. ``exclude``: see ``beam_search``."""
     history = None
     if getattr(decoder, "repeat_bias", None) is not None:
         if history_codes is None or history_valid is None:
@@ -122,7 +138,7 @@ def decoder_beam_search(decoder, trie: Trie, states: jax.Array, lengths: jax.Arr
         history = (decoder.add_repeat_bias, history_codes, history_valid, history_marks)
     return beam_search(decoder.prefill, decoder.decode_step, decoder.init_cache, trie, states, lengths,
                        beam_width=beam_width, k=k, renormalize=renormalize, uniform_last_level=uniform_last_level,
-                       history=history)
+                       history=history, exclude=exclude)
 
 
 def history_of(model, items: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:

@@ -296,10 +296,9 @@ class Engine:
     def _generate_args(self, b: int, pool, trie) -> tuple:
         """Example arguments of the batch-``b`` beam-search step (zero slots, lengths, exclusions)."""
         i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-        args = (self.weights, pool, i32(b), i32(b), i32(b, self.exclude_width), trie)
-        if self.semantic.repeat_aware:
-            args += (self.semantic.history_codes([], b, self.max_len),)
-        return args
+        history = self.semantic.history_codes([], b, self.max_len) if self.semantic.repeat_aware else None
+        return (self.weights, pool, i32(b), i32(b), i32(b, self.exclude_width), trie, history,
+                self.semantic.exclusion_codes([], b, self.exclude_width))
 
     def _dry_run(self) -> None:
         """One tiny request through every path (first executions allocate buffers)."""
@@ -581,9 +580,11 @@ class Engine:
                                      self._pool.user, slots, exclude)
                 else:
                     lengths = _pad_slots([len(r.window) for r in part], b)
-                    extra = ((self.semantic.history_codes([r.window for r in part], b, self.max_len),)
-                             if self.semantic.repeat_aware else ())
-                    out = gen_execs[b](self.weights, self._pool, slots, lengths, exclude, trie, *extra)
+                    history = (self.semantic.history_codes([r.window for r in part], b, self.max_len)
+                               if self.semantic.repeat_aware else None)
+                    excluded = self.semantic.exclusion_codes([jobs[r.job].exclude for r in part], b,
+                                                             self.exclude_width)
+                    out = gen_execs[b](self.weights, self._pool, slots, lengths, exclude, trie, history, excluded)
                 pending.append((kind, part, out))
         if by_kind["rank"]:
             self._rank(jobs, by_kind["rank"], results)

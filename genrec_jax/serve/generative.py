@@ -55,8 +55,10 @@ class SemanticSide:
         # registrations).
         self.repeat_aware = getattr(getattr(model, "decoder", None), "repeat_bias", None) is not None
         self.repeat_item_mode = self.repeat_aware and model.decoder.cfg.history_bias_mode == "item"
+        # The live item -> code table and its prefix sizes (host): the semantic IDs of history
+        # items (repeat-aware decoders) and of excluded items (dropped inside the search).
         self.live_codes = self._sizes = None
-        if self.repeat_aware:
+        if self.can_generate:
             self._set_live_codes(np.asarray(model.item_codes[...], np.int32))
         self.semantic_dir = semantic_dir
         self.has_decoder = getattr(model, "decoder", None) is not None
@@ -153,26 +155,35 @@ class SemanticSide:
         self._sid = reg.semantic_ids
         if self.can_generate:
             self.trie = reg.trie
-        if self.repeat_aware:
+        if self.can_generate:
             self._set_live_codes(np.concatenate([self.live_codes, np.asarray(reg.codes, np.int32)]))
 
     def _set_live_codes(self, codes: np.ndarray) -> None:
         from genrec_jax.semantic_ids.decoder import prefix_sizes
 
         self.live_codes = codes
-        self._sizes = np.asarray(prefix_sizes(codes)) if self.repeat_item_mode else None
+        self._sizes = np.asarray(prefix_sizes(codes))
 
-    def history_codes(self, windows: Sequence, batch: int, max_len: int) -> tuple:
-        """(codes int32 [batch, max_len, L], valid bool [batch, max_len], marks bool
-        [batch, max_len, L] or None) of the windows' items (internal ids; rows past
-        ``len(windows)`` empty), for a repeat-aware decoder (see ``decoder.history_marks``)."""
-        codes = np.zeros((batch, max_len, self.live_codes.shape[1]), np.int32)
-        valid = np.zeros((batch, max_len), bool)
-        marks = None if self._sizes is None else np.zeros(codes.shape, bool)
-        for r, w in enumerate(windows):
-            items = np.asarray(w.items[-max_len:])
+    def code_arrays(self, rows: Sequence[np.ndarray], batch: int, width: int, marks: bool) -> tuple:
+        """(codes int32 [batch, width, L], valid bool [batch, width], marks bool [batch,
+        width, L] or None) of each row's item ids (internal; rows past ``len(rows)`` empty);
+        marks: where each item's path is unique (``prefix_sizes == 1``)."""
+        codes = np.zeros((batch, width, self.live_codes.shape[1]), np.int32)
+        valid = np.zeros((batch, width), bool)
+        unique = np.zeros(codes.shape, bool) if marks else None
+        for r, items in enumerate(rows):
+            items = np.asarray(items, np.int64)[-width:] if len(items) else np.zeros(0, np.int64)
             codes[r, :len(items)] = self.live_codes[items]
             valid[r, :len(items)] = items > 0
-            if marks is not None:
-                marks[r, :len(items)] = self._sizes[items] == 1
-        return codes, valid, marks
+            if marks:
+                unique[r, :len(items)] = self._sizes[items] == 1
+        return codes, valid, unique
+
+    def history_codes(self, windows: Sequence, batch: int, max_len: int) -> tuple:
+        """``code_arrays`` of the windows' items for a repeat-aware decoder (marks in "item"
+        mode, see ``decoder.history_marks``)."""
+        return self.code_arrays([w.items for w in windows], batch, max_len, self.repeat_item_mode)
+
+    def exclusion_codes(self, excludes: Sequence[np.ndarray], batch: int, width: int) -> tuple:
+        """``code_arrays`` of each row's excluded items, with marks (beam_search's ``exclude``)."""
+        return self.code_arrays(excludes, batch, width, True)

@@ -143,15 +143,18 @@ def _top_items(model, item_table, num_items, user, exclude, k):
 
 
 def generate_step(model, pool: Pool, slots: jax.Array, lengths: jax.Array, exclude: jax.Array, trie: Any,
-                  history: tuple | None = None, *, beam_width: int, max_len: int, search: Callable):
-    """Beam search over semantic IDs from the slots' encoder states; excluded items are
-    dropped from the ``beam_width`` final beams (so fewer than k may remain). ``history``:
-    (codes [B, max_len, L], valid [B, max_len], marks [B, max_len, L] or None) of the rows'
-    history items, for a decoder with the repeat offsets (``model.decoder.history_bias``)."""
+                  history: tuple | None = None, excluded: tuple | None = None, *, beam_width: int, max_len: int,
+                  search: Callable):
+    """Beam search over semantic IDs from the slots' encoder states. ``excluded``: (codes,
+    valid, marks) of ``exclude``'s items (``SemanticSide.exclusion_codes``): they are dropped
+    inside the search, where their paths become unique, so the beams go to other items;
+    ``exclude`` [B, E] (ids) is also checked on the final beams. ``history``: (codes [B,
+    max_len, L], valid [B, max_len], marks [B, max_len, L] or None) of the rows' history
+    items, for a decoder with the repeat offsets (``model.decoder.history_bias``)."""
     memory = pool.states[slots][:, :max_len]
     hcodes, hvalid, marks = history if history is not None else (None, None, None)
     ids, scores = search(model.decoder, trie, memory, lengths, beam_width=beam_width, k=beam_width,
-                         history_codes=hcodes, history_valid=hvalid, history_marks=marks)
+                         history_codes=hcodes, history_valid=hvalid, history_marks=marks, exclude=excluded)
     hit = (ids[:, :, None] == exclude[:, None, :]).any(-1) | (ids == 0)
     scores = jnp.where(hit, NEG_INF, scores)
     top, order = jax.lax.top_k(scores, beam_width)

@@ -82,3 +82,31 @@ def test_k_larger_than_the_catalogue_pads_with_empty_slots(setup):
     assert (items[:, 3:] == 0).all() and np.isneginf(scores[:, 3:]).all()
     with pytest.raises(ValueError, match="beam_width"):
         search(state, small, 2, 3, False)
+
+
+def test_excluded_items_are_dropped_inside_the_search(setup):
+    """Exclusion inside the search (where an excluded item's path becomes unique): with
+    W >= #items the result is the exhaustive ranking without the excluded items, and the
+    scores of the others are unchanged."""
+    from genrec_jax.semantic_ids.decoder import prefix_sizes
+
+    table, trie, state, _, exhaustive = setup
+    full = np.asarray(exhaustive(state, trie)[0])
+    ex = np.array([[3, 5, 9, 0], [1, 2, 0, 0], [0, 0, 0, 0]])
+    graphdef = nnx.graphdef(SemanticIDDecoder(8, SIZES, DecoderConfig(enabled=True, num_layers=1, num_heads=2,
+                                                                      head_dim=8, ffn_dim=16, dropout=0.0),
+                                              rngs=nnx.Rngs(0)))
+    states = jax.random.normal(jax.random.key(2), (3, 5, 8))
+    lengths = jnp.array([5, 3, 1])
+    t = jnp.asarray(table)
+    exclude = (jnp.take(t, ex, axis=0), jnp.asarray(ex > 0), jnp.take(prefix_sizes(t), ex, axis=0) == 1)
+    d = nnx.merge(graphdef, state)
+    items, scores = beam_search(d.prefill, d.decode_step, d.init_cache, trie, states, lengths, beam_width=NUM_ITEMS,
+                                k=5, exclude=exclude)
+    items, scores = np.asarray(items), np.asarray(scores)
+    for b in range(3):
+        ref = full[b].copy()
+        ref[ex[b][ex[b] > 0]] = -np.inf
+        want = np.argsort(-ref, kind="stable")[:5]
+        np.testing.assert_array_equal(items[b], want)
+        np.testing.assert_allclose(scores[b], full[b, want], rtol=1e-4, atol=1e-4)

@@ -44,6 +44,16 @@ def test_generative_prefix_cache_and_exclusions(gen_engine):
     assert not set(ex.items) & set(cold.items[:2]) and list(ex.items[:3]) == list(cold.items[2:5])
 
 
+def test_excluding_every_beam_still_returns_k_items(gen_engine):
+    """Exclusions are applied inside the search, not only to the final beams: excluding all
+    8 beams of a width-8 search gives 8 other items (a final-beam filter would leave none)."""
+    h = hist(12, 7)
+    first = gen_engine.process([RecommendJob(h, 8, "generative")])[0]
+    again = gen_engine.process([RecommendJob(h, 8, "generative", exclude=first.items.copy())])[0]
+    assert len(again.items) == 8 and len(set(again.items)) == 8
+    assert not set(again.items.tolist()) & set(first.items.tolist())
+
+
 def test_repeat_aware_decoder_keeps_history_items_out(repeat_engine):
     """The engine feeds each row's history to the repeat offsets: with a -30 offset at the
     last level no history item is written, without any exclusion list; the no-cache
