@@ -196,6 +196,7 @@ class Engine:
         # "fetch" (their copies to the host), "results" (building the answers), "total".
         self.host_spans: dict[str, float] | None = None
         self._no_exclude: dict[int, jax.Array] = {}  # [B, max_exclude] zeros on the device
+        self._no_exclusion_codes: dict[int, tuple] = {}  # the same for the generative step's excluded codes
         if warmup:
             self.warmup()
 
@@ -494,6 +495,15 @@ class Engine:
             exclude[i, :len(ex)] = ex
         return exclude
 
+    def _exclusion_codes(self, jobs: Sequence[Job], part: list[_Row], b: int) -> tuple:
+        """The generative step's ``excluded`` arrays; the all-empty ones stay on the device."""
+        if all(len(jobs[r.job].exclude) == 0 for r in part):
+            if b not in self._no_exclusion_codes:
+                empty = self.semantic.exclusion_codes([], b, self.exclude_width)
+                self._no_exclusion_codes[b] = jax.device_put(empty, self.sharding)
+            return self._no_exclusion_codes[b]
+        return self.semantic.exclusion_codes([jobs[r.job].exclude for r in part], b, self.exclude_width)
+
     def _assign_slots(self, jobs: Sequence[Job]) -> list[_Row]:
         rows, seen = [], set()
         scratch = 1
@@ -582,8 +592,7 @@ class Engine:
                     lengths = _pad_slots([len(r.window) for r in part], b)
                     history = (self.semantic.history_codes([r.window for r in part], b, self.max_len)
                                if self.semantic.repeat_aware else None)
-                    excluded = self.semantic.exclusion_codes([jobs[r.job].exclude for r in part], b,
-                                                             self.exclude_width)
+                    excluded = self._exclusion_codes(jobs, part, b)
                     out = gen_execs[b](self.weights, self._pool, slots, lengths, exclude, trie, history, excluded)
                 pending.append((kind, part, out))
         if by_kind["rank"]:
