@@ -98,6 +98,20 @@ def repeat_inputs(bias, mode: str, item_codes: np.ndarray, items: np.ndarray, si
     return np.asarray(bias, np.float32), item_codes[items], items > 0, marks
 
 
+def _marked_codes(match: np.ndarray, codes: np.ndarray, level: int, size: int) -> np.ndarray:
+    """bool [B, W, size]: codes at ``level`` of the items (codes [B, N, L]) a beam matches."""
+    b, w, n = match.shape
+    out = np.zeros((b, w, size), bool)
+    idx = np.broadcast_to(codes[:, None, :, level], (b, w, n))
+    np.logical_or.at(out, (np.arange(b)[:, None, None], np.arange(w)[None, :, None], idx), match)
+    return out
+
+
+def _follow(match: np.ndarray, parent: np.ndarray, codes: np.ndarray, level: int, chosen: np.ndarray) -> np.ndarray:
+    """Per-beam prefix match after a level: the parent's, and the code chosen at ``level``."""
+    return np.take_along_axis(match, parent[..., None], axis=1) & (codes[:, None, :, level] == chosen[..., None])
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float32)
     m = np.max(x, axis=-1, keepdims=True)
@@ -188,7 +202,8 @@ class OnnxRecommender:
         ids = np.zeros((len(exclude), width), np.int64)
         for r, e in enumerate(exclude):
             ids[r, :len(e)] = np.asarray(e, np.int64)
-        return codes[ids], ids > 0, sizes[ids] == 1
+        _, xcodes, valid, marks = repeat_inputs((), "item", codes, ids, sizes)
+        return xcodes, valid, marks
 
     def history(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ins, _ = self.manifest.graphs["encoder"].io(self.precision)
@@ -306,19 +321,15 @@ def beam_search(run_decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarr
         self_k, self_v = out["new_self_k"], out["new_self_v"]
         logits = out["logits"][..., :trie.code_sizes[level]]
         if history is not None:
-            onehot = np.eye(trie.code_sizes[level], dtype=np.float32)[hcodes[..., level]]  # [B, N, K]
             m = match if marks is None else match & marks[:, None, :, level]
-            seen = np.einsum("bwn,bnk->bwk", m.astype(np.float32), onehot) > 0
-            logits = logits + np.float32(bias[level]) * seen
+            logits = logits + np.float32(bias[level]) * _marked_codes(m, hcodes, level, trie.code_sizes[level])
         if renormalize:
             logits = np.where(trie.allowed_mask(level, node), logits, -np.inf)
         logp = log_softmax(logits)
         codes, nxt, valid = trie.children(level, node)  # [B, W, F]
         f = codes.shape[-1]
         if exclude is not None:
-            onehot = np.eye(trie.code_sizes[level], dtype=np.float32)[xcodes[..., level]]  # [B, E, K]
-            xm = xmatch & xmarks[:, None, :, level]
-            banned = np.einsum("bwe,bek->bwk", xm.astype(np.float32), onehot) > 0
+            banned = _marked_codes(xmatch & xmarks[:, None, :, level], xcodes, level, trie.code_sizes[level])
             valid = valid & ~np.take_along_axis(banned, codes, axis=-1)
         with np.errstate(invalid="ignore"):
             cand = score[..., None] + np.take_along_axis(logp, codes, axis=-1)
@@ -335,9 +346,9 @@ def beam_search(run_decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarr
         node = np.where(alive, np.take_along_axis(nxt.reshape(b, w * f), idx, axis=1), 0)
         score = top.astype(np.float32)
         if level < levels - 1 and history is not None:
-            match = np.take_along_axis(match, parent[..., None], axis=1) & (hcodes[:, None, :, level] == prev[..., None])
+            match = _follow(match, parent, hcodes, level, prev)
         if level < levels - 1 and exclude is not None:
-            xmatch = np.take_along_axis(xmatch, parent[..., None], axis=1) & (xcodes[:, None, :, level] == prev[..., None])
+            xmatch = _follow(xmatch, parent, xcodes, level, prev)
         if level < levels - 1:
             sel = parent[:, None, :, None, None, None]
             self_k = np.take_along_axis(self_k, sel, axis=2)

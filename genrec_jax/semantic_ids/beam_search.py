@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from genrec_jax.semantic_ids.decoder import seen_codes
+from genrec_jax.semantic_ids.decoder import follow_beams, seen_codes
 from genrec_jax.semantic_ids.trie import Trie
 
 
@@ -112,10 +112,9 @@ def beam_search(
         node = jnp.where(alive, jnp.take_along_axis(nxt.reshape(b, w * f), idx, axis=1), 0).astype(jnp.int32)
         score = top
         if level < num_levels - 1 and history is not None:
-            match = jnp.take_along_axis(match, parent[..., None], axis=1) & (hcodes[:, None, :, level] == prev[..., None])
+            match = follow_beams(match, parent, hcodes, level, prev)
         if level < num_levels - 1 and exclude is not None:
-            xmatch = (jnp.take_along_axis(xmatch, parent[..., None], axis=1)
-                      & (xcodes[:, None, :, level] == prev[..., None]))
+            xmatch = follow_beams(xmatch, parent, xcodes, level, prev)
         if level < num_levels - 1:
             sel = parent[None, :, :, None, None, None]
             cache = type(cache)(*(jnp.take_along_axis(c, sel, axis=2) for c in cache))

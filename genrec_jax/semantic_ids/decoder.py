@@ -260,9 +260,20 @@ class SemanticIDDecoder(nnx.Module):
 
 def seen_codes(match: jax.Array, history_codes: jax.Array, level: int, size: int) -> jax.Array:
     """bool [B, G, size]: codes c such that some history item j with ``match`` [B, G, N] has
-    code c at ``level`` (history_codes int [B, N, L])."""
-    onehot = jax.nn.one_hot(history_codes[..., level], size, dtype=jnp.float32)  # [B, N, K]
-    return jnp.einsum("bgn,bnk->bgk", match.astype(jnp.float32), onehot) > 0
+    code c at ``level`` (history_codes int [B, N, L]). One scatter of B x G x N flags (no
+    [B, N, size] one-hot: N is up to serve.max_exclude = 1024 in the exclusion search)."""
+    b, g, n = match.shape
+    codes = jnp.broadcast_to(history_codes[:, None, :, level], (b, g, n))
+    rows, hyps = jnp.arange(b)[:, None, None], jnp.arange(g)[None, :, None]
+    return jnp.zeros((b, g, size), jnp.int32).at[rows, hyps, codes].add(match.astype(jnp.int32)) > 0
+
+
+def follow_beams(match: jax.Array, parent: jax.Array, history_codes: jax.Array, level: int,
+                 chosen: jax.Array) -> jax.Array:
+    """Beam search's per-beam prefix match [B, W, N] after a level: the parent beam's, and
+    the item's code at ``level`` equal to the code each beam chose (``chosen`` [B, W])."""
+    return (jnp.take_along_axis(match, parent[..., None], axis=1)
+            & (history_codes[:, None, :, level] == chosen[..., None]))
 
 
 def prefix_sizes(item_codes: jax.Array) -> jax.Array:
