@@ -144,6 +144,12 @@ class DecoderConfig:
     history_bias_mode: Literal["item", "prefix"] = "item"
     # Levels that get the offset: the last `history_bias_levels`; 0 = every level.
     history_bias_levels: int = 0
+    # How the offsets train. "joint": the decoder's loss sees the offset logits, so the rest
+    # of the model co-adapts to them. "detached": the offsets are fitted on the decoder's
+    # logits held fixed (stop-gradient) while every other weight gets exactly the gradient it
+    # would get without the option -- a calibration learnt alongside training, which cannot
+    # make the ranking of unseen items worse.
+    history_bias_train: Literal["joint", "detached"] = "joint"
 
 
 @dataclasses.dataclass
@@ -412,6 +418,8 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
                f"must be 'item' or 'prefix', got {dc.history_bias_mode!r}", source)
         _check(dc.history_bias_levels >= 0, "model.decoder.history_bias_levels",
                f"must be >= 0 (0 = every level), got {dc.history_bias_levels}", source)
+        _check(dc.history_bias_train in ("joint", "detached"), "model.decoder.history_bias_train",
+               f"must be 'joint' or 'detached', got {dc.history_bias_train!r}", source)
         if dc.use_moe:
             _check(1 <= m.moe.top_k <= m.moe.num_experts, "model.moe.top_k",
                    f"must be in [1, num_experts={m.moe.num_experts}], got {m.moe.top_k}", source)

@@ -20,7 +20,9 @@ the level where a seen item's path becomes unique, where its siblings can take t
 ``"prefix"`` marks it where any history item lies under the child; ``history_bias_levels`` >
 0 keeps it to that many last levels. Trained with the cross entropy like every other weight, r_t
 is what the data say about repeats: strongly negative where users never take an item twice
-(Amazon Beauty), positive where they come back to the same items. Training (``decoder_loss``): for a sequence with states
+(Amazon Beauty), positive where they come back to the same items. ``history_bias_train=
+"detached"`` fits r_t on the decoder's logits held fixed, so every other weight trains exactly
+as without the option (the offsets are then a calibration of that model). Training (``decoder_loss``): for a sequence with states
 s_0..s_{n-1} and next items t_0..t_{n-1}, position i decodes codes(t_i) from memory
 s_0..s_i. Serving uses two functions, also what the ONNX export traces::
 
@@ -365,9 +367,21 @@ def decoder_loss(decoder: SemanticIDDecoder, item_codes: jax.Array, states: jax.
             raise ValueError("model.decoder.history_bias needs the history items (items=) in decoder_loss")
         history = (jnp.take(item_codes, items, axis=0), memory_mask & (items > 0)[:, None, :],
                    decoder.history_marks(item_codes, items))
-    logits, aux = decoder(codes, cross, memory_mask, key=dropout_key, history=history)
-    ce = sum(optax.softmax_cross_entropy_with_integer_labels(lg, codes[..., t]) for t, lg in enumerate(logits))
-    ce = ce / len(logits)
+    detached = history is not None and decoder.cfg.history_bias_train == "detached"
+    logits, aux = decoder(codes, cross, memory_mask, key=dropout_key, history=None if detached else history)
+
+    def cross_entropy(lgs):
+        return sum(optax.softmax_cross_entropy_with_integer_labels(lg, codes[..., t])
+                   for t, lg in enumerate(lgs)) / len(lgs)
+
+    ce = cross_entropy(logits)
+    if detached:  # offsets fitted on fixed logits; the value is the offset model's loss, the
+        # other weights' gradient that of the plain loss
+        seen = history_prefix_masks(history[0], history[1], codes, decoder.code_sizes[:len(logits)],
+                                    marks=history[2])
+        logits = [decoder.add_repeat_bias(jax.lax.stop_gradient(lg), t, s_)
+                  for t, (lg, s_) in enumerate(zip(logits, seen))]
+        ce = cross_entropy(logits) + (ce - jax.lax.stop_gradient(ce))
     exact = jnp.stack([jnp.argmax(lg, -1) == codes[..., t] for t, lg in enumerate(logits)], -1).all(-1)
     w = valid.astype(jnp.float32)
     denom = jnp.maximum(w.sum(), 1.0)
@@ -392,7 +406,7 @@ def decoder_loss(decoder: SemanticIDDecoder, item_codes: jax.Array, states: jax.
         hw = (uvalid & (hist > 0) & (hist != utgt)).astype(jnp.float32)
         hcodes = jnp.take(item_codes, hist, axis=0)
         hkey = None if dropout_key is None else jax.random.fold_in(dropout_key, 1)
-        hhist = None if history is None else (history[0], umask & (items > 0)[:, None, :], history[2])
+        hhist = None if history is None or detached else (history[0], umask & (items > 0)[:, None, :], history[2])
         hlogits, _ = decoder(hcodes, cross, umask, key=hkey, history=hhist)
         first = len(hlogits) - max(1, min(unlikelihood_levels, len(hlogits)))
         logp = sum(jnp.take_along_axis(jax.nn.log_softmax(lg.astype(jnp.float32), -1), hcodes[..., t:t + 1],

@@ -131,11 +131,13 @@ def test_a_strong_negative_offset_keeps_history_items_out_and_changes_nothing_el
     assert items[2].tolist() == np.argsort(-zero[2], kind="stable")[:6].tolist()  # no history: no change
 
 
-def test_repeat_bias_learns_that_users_do_not_repeat():
+@pytest.mark.parametrize("train_mode", ["joint", "detached"])
+def test_repeat_bias_learns_that_users_do_not_repeat(train_mode):
     """Planted data where the next item is drawn among the items not yet seen: trained with
     the cross entropy alone, the last level's offset goes strongly negative (measured -3.7
-    after 300 steps), the seen items' probability falls, and the targets are fitted better
-    than without the offset."""
+    after 300 steps, joint), the seen items' probability falls, and the targets are fitted
+    better than without the offset. Detached, every other weight ends exactly where the run
+    without the option ends."""
     v, n, b, d = 12, 6, 32, 16
     rng = np.random.default_rng(0)
     codes = np.stack(np.unravel_index(rng.permutation(np.prod(SIZES))[:v], SIZES), -1)
@@ -152,7 +154,7 @@ def test_repeat_bias_learns_that_users_do_not_repeat():
 
     def train(history_bias):
         cfg = DecoderConfig(enabled=True, num_layers=1, num_heads=2, head_dim=8, ffn_dim=32, dropout=0.0,
-                            history_bias=history_bias)
+                            history_bias=history_bias, history_bias_train=train_mode)
         gd, params = nnx.split(SemanticIDDecoder(d, SIZES, cfg, rngs=nnx.Rngs(0)))
         tx = optax.adam(3e-3)
         opt = tx.init(params)
@@ -180,14 +182,60 @@ def test_repeat_bias_learns_that_users_do_not_repeat():
         logits, _ = dec(hc, cross, mem, history=history)
         logp = sum(jnp.take_along_axis(jax.nn.log_softmax(lg, -1), hc[..., t:t + 1], -1)[..., 0]
                    for t, lg in enumerate(logits))
-        return float(ce), float(jnp.exp(logp).mean()), m
+        return float(ce), float(jnp.exp(logp).mean()), m, params
 
-    ce0, p0, _ = train(False)
-    ce1, p1, m1 = train(True)
+    ce0, p0, _, w0 = train(False)
+    ce1, p1, m1, w1 = train(True)
     assert np.isfinite([ce0, ce1, p0, p1]).all()
     assert float(m1["decoder_repeat_bias_2"]) < -2.0, m1
     assert p1 < 0.7 * p0, (p0, p1)  # measured 0.024 vs 0.043 (the memory alone already tells some)
     assert ce1 < ce0, (ce0, ce1)
+    if train_mode == "detached":
+        f0, f1 = dict(nnx.to_flat_state(w0)), dict(nnx.to_flat_state(w1))
+        assert set(f1) - set(f0) == {("repeat_bias",)}
+        for k, v in f0.items():
+            np.testing.assert_allclose(np.asarray(f1[k][...]), np.asarray(v[...]), rtol=1e-5, atol=1e-6,
+                                       err_msg=str(k))
+
+
+def test_detached_offsets_take_the_offset_loss_value_and_the_plain_gradients():
+    """history_bias_train="detached": the loss value is the offset model's cross entropy
+    (as joint training reports it), every weight but the offsets gets the gradient of the
+    decoder without the option, and the offsets get the joint gradient (they see the same
+    logits)."""
+    base = dict(enabled=True, num_layers=1, num_heads=2, head_dim=8, ffn_dim=16, dropout=0.0)
+    item_codes = jnp.asarray(random_unique_codes(np.random.default_rng(5), NUM_ITEMS, SIZES))
+    items = jnp.array([[1, 2, 3, 4, 5], [5, 6, 7, 0, 0], [8, 8, 9, 10, 2]])
+    targets = jnp.array([[2, 3, 4, 1, 7], [6, 9, 5, 0, 0], [9, 10, 8, 2, 11]])
+    lengths = jnp.array([5, 3, 5])
+    states = jax.random.normal(jax.random.key(0), (3, 5, 8))
+
+    def grads(**kw):
+        dec = SemanticIDDecoder(8, SIZES, DecoderConfig(**base, **kw), rngs=nnx.Rngs(2))
+        if dec.repeat_bias is not None:
+            dec.repeat_bias[...] = jnp.array([-0.3, 0.2, -0.5])
+        gd, params = nnx.split(dec)
+
+        def loss(p):
+            return decoder_loss(nnx.merge(gd, p), item_codes, states, lengths, targets, jax.random.key(1), 0,
+                                items=items)[0]
+
+        return jax.value_and_grad(loss)(params)
+
+    (v_plain, g_plain), (v_joint, g_joint), (v_det, g_det) = (
+        grads(), grads(history_bias=True), grads(history_bias=True, history_bias_train="detached"))
+    assert np.isfinite([v_plain, v_joint, v_det]).all()
+    np.testing.assert_allclose(float(v_det), float(v_joint), rtol=1e-6)
+    assert abs(float(v_det) - float(v_plain)) > 1e-3  # the offsets act on this batch
+    np.testing.assert_allclose(np.asarray(g_det["repeat_bias"][...]), np.asarray(g_joint["repeat_bias"][...]),
+                               rtol=1e-5, atol=1e-7)
+    assert np.abs(np.asarray(g_det["repeat_bias"][...])).max() > 0
+    fp, fd, fj = (dict(nnx.to_flat_state(g)) for g in (g_plain, g_det, g_joint))
+    differs = False
+    for k, v in fp.items():
+        np.testing.assert_allclose(np.asarray(fd[k][...]), np.asarray(v[...]), rtol=1e-5, atol=1e-7, err_msg=str(k))
+        differs |= not np.allclose(np.asarray(fj[k][...]), np.asarray(v[...]), rtol=1e-3, atol=1e-6)
+    assert differs  # joint training does change the other gradients (so the test can tell them apart)
 
 
 def test_search_without_history_is_refused_for_a_repeat_aware_decoder(setup):
