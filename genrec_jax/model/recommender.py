@@ -255,6 +255,13 @@ class Recommender(nnx.Module):
         t = self.item_emb.embedding[...]
         return l2_normalize(t) if self.cfg.l2_norm else t
 
+    def item_vectors(self, ids: jax.Array) -> jax.Array:
+        """``item_table()[ids]`` without the whole table: the rows are gathered first and
+        normalised after (the same values and gradients; a training step that reads only the
+        targets and the sampled negatives skips a pass over every item, forward and backward)."""
+        t = jnp.take(self.item_emb.embedding[...], ids, axis=0)
+        return l2_normalize(t) if self.cfg.l2_norm else t
+
     def user_vectors(self, states: jax.Array) -> jax.Array:
         return l2_normalize(states) if self.cfg.l2_norm else states
 

@@ -31,14 +31,17 @@ def full_softmax_loss(user_vecs: jax.Array, item_table: jax.Array, targets: jax.
     return loss, {"retrieval_loss": loss}
 
 
-def sampled_softmax_loss(user_vecs: jax.Array, item_table: jax.Array, targets: jax.Array, mask: jax.Array,
+def sampled_softmax_loss(user_vecs: jax.Array, item_table, targets: jax.Array, mask: jax.Array,
                          scale: float, log_q: jax.Array, num_negatives: int, key: jax.Array) -> tuple[jax.Array, dict]:
-    """``log_q`` [V]: log sampling probability of each item (padding row -inf)."""
+    """``log_q`` [V]: log sampling probability of each item (padding row -inf).
+    ``item_table``: the item vectors [V, D], or a function from item ids to their vectors
+    (e.g. ``model.item_vectors``, which normalises only the rows it gathers)."""
+    rows = item_table if callable(item_table) else (lambda ids: jnp.take(item_table, ids, axis=0))
     neg = sample_negatives(key, log_q, num_negatives)  # [K]
     u = user_vecs.astype(jnp.float32)
-    pos_vec = jnp.take(item_table, targets, axis=0).astype(jnp.float32)  # [B, N, D]
+    pos_vec = rows(targets).astype(jnp.float32)  # [B, N, D]
     pos_logit = jnp.sum(u * pos_vec, -1) * scale - (jnp.log(num_negatives) + jnp.take(log_q, targets))
-    neg_vec = jnp.take(item_table, neg, axis=0).astype(jnp.float32)  # [K, D]
+    neg_vec = rows(neg).astype(jnp.float32)  # [K, D]
     neg_logit = jnp.einsum("bnd,kd->bnk", u, neg_vec) * scale - (jnp.log(num_negatives) + log_q[neg])
     neg_logit = jnp.where(neg[None, None, :] == targets[..., None], NEG_INF, neg_logit)
     # -log softmax([pos, neg...])[0] without materialising the [B, N, K + 1] concatenation (a

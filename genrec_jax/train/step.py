@@ -86,16 +86,15 @@ def compute_loss(model, batch: dict, key: jax.Array, obj: Objective, log_q: jax.
     lengths = batch["lengths"]
     mask = (jnp.arange(n)[None, :] < lengths[:, None]) & (batch["targets"] > 0)
     u = model.user_vectors(states)
-    table = model.item_table()
     scale = model.logit_scale()
     metrics: dict[str, jax.Array] = {}
     total = 0.0
     if obj.retrieval_weight > 0:  # 0 = decoder-only training (semantic-ID decoder)
         if obj.loss == "softmax":
-            rl, m = losses.full_softmax_loss(u, table, batch["targets"], mask, scale)
-        else:
-            rl, m = losses.sampled_softmax_loss(u, table, batch["targets"], mask, scale, log_q, obj.num_negatives,
-                                                k_neg)
+            rl, m = losses.full_softmax_loss(u, model.item_table(), batch["targets"], mask, scale)
+        else:  # only the targets' and the negatives' rows are read (and normalised)
+            rl, m = losses.sampled_softmax_loss(u, model.item_vectors, batch["targets"], mask, scale, log_q,
+                                                obj.num_negatives, k_neg)
         metrics.update(m)
         total = total + obj.retrieval_weight * rl
     # --- semantic-ID decoder: next-item code prediction from memory s_0..s_i at sampled positions i
@@ -120,7 +119,7 @@ def compute_loss(model, batch: dict, key: jax.Array, obj: Objective, log_q: jax.
         hist_len = lengths - batch["num_targets"] if "num_targets" in batch else lengths
         last = model.last_states(u, hist_len)
         tgt = jnp.take_along_axis(batch["targets"], jnp.maximum(hist_len - 1, 0)[:, None], axis=1)[:, 0]
-        cl, m = losses.infonce_loss(last, jnp.take(table, tgt, axis=0), (hist_len > 0) & (tgt > 0), scale, tgt)
+        cl, m = losses.infonce_loss(last, model.item_vectors(tgt), (hist_len > 0) & (tgt > 0), scale, tgt)
         metrics.update(m)
         total = total + obj.contrastive_weight * cl
     if getattr(model, "tasks", None) is not None and "num_targets" in batch and obj.multitask_weight > 0:

@@ -176,3 +176,15 @@ def test_multiscale_prefix_runs_and_stays_causal():
     b3["items"][0, 5:] = rng.integers(1, NUM_ITEMS + 1, 3)
     out3 = np.asarray(f(jnp_batch(b3)))
     np.testing.assert_allclose(out3[0, :5], out[0, :5], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("l2", [True, False])
+def test_item_vectors_are_rows_of_the_item_table(l2):
+    """``item_vectors(ids)`` (what the train step's losses read) equals ``item_table()[ids]``
+    with and without the L2 normalisation, padding id 0 included."""
+    model = make_model(f"model.l2_norm={str(l2).lower()}")
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, NUM_ITEMS + 1, (3, 7)), jnp.int32)
+    want = np.asarray(jnp.take(model.item_table(), ids, axis=0))
+    got = np.asarray(model.item_vectors(ids))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
