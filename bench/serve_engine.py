@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=30, help="timed batches per (mode, batch size)")
     p.add_argument("--naive-requests", type=int, default=20, help="timed requests of the naive engine per mode")
     p.add_argument("--no-naive", action="store_true")
+    p.add_argument("--exclude-history", action="store_true",
+                   help="also time recommend / generative with every request excluding its history items "
+                        "(rows 'recommend-excl', 'generative-excl'; the naive engine is not run for them)")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-seconds", type=float, default=600.0, help="stop timing a mode after this long")
     p.add_argument("--profile", default=None,
@@ -181,8 +184,10 @@ def time_engine(engine, mode, b, args, seed):
             hs = histories(b, L, n_items, seed * 1000 + it)
             if mode == "rank":
                 jobs = [RankJob(h, c) for h, c in zip(hs, cands)]
-            else:
-                jobs = [RecommendJob(h, args.k, "generative" if mode == "generative" else "retrieval") for h in hs]
+            else:  # "<mode>-excl": each request also excludes its own history items
+                kind = "generative" if mode.startswith("generative") else "retrieval"
+                jobs = [RecommendJob(h, args.k, kind, np.unique(h.items) if mode.endswith("-excl") else
+                                     np.zeros(0, np.int32)) for h in hs]
         t0 = time.perf_counter()
         engine.process(jobs)  # results are numpy: the device work is finished
         dt = time.perf_counter() - t0
@@ -265,6 +270,8 @@ def main(argv=None) -> int:
     flops = encoder_flops(engine._model, args.history_len)
     rows = []
     modes = [m for m in args.modes.split(",") if m != "generative" or engine.semantic.can_generate]
+    if args.exclude_history:  # the same modes again, each request excluding its history items
+        modes += [f"{m}-excl" for m in modes if m in ("recommend", "generative")]
     for mode in modes:
         best = 0.0
         for b in engine.batch_buckets:
@@ -278,7 +285,7 @@ def main(argv=None) -> int:
                 row["model_tflops"] = thr * flops / 1e12 if mode == "recommend" else None
             rows.append(row)
             print_row(row)
-        if naive is not None:  # returning users: the naive engine has no cache, it re-encodes everything
+        if naive is not None and not mode.endswith("-excl"):  # returning users: the naive engine has no cache, it re-encodes everything
             lat = time_naive(naive, mode, args, seed=7)
             p50, p99 = percentiles(lat)
             thr = 1.0 / float(np.mean(lat))
@@ -299,7 +306,7 @@ def main(argv=None) -> int:
     return 0
 
 
-HEADER = f"{'engine':<10}{'mode':<12}{'batch':>6}{'req/s':>11}{'p50 ms':>10}{'p99 ms':>10}{'speed-up':>10}"
+HEADER = f"{'engine':<10}{'mode':<16}{'batch':>6}{'req/s':>11}{'p50 ms':>10}{'p99 ms':>10}{'speed-up':>10}"
 
 
 def print_row(row):
@@ -308,7 +315,7 @@ def print_row(row):
         print("-" * len(HEADER))
         print_row.done = True
     sp = f"{row['speedup']:.1f}x" if row.get("speedup") else ""
-    print(f"{row['engine']:<10}{row['mode']:<12}{row['batch']:>6}{row['requests_per_s']:>11.1f}"
+    print(f"{row['engine']:<10}{row['mode']:<16}{row['batch']:>6}{row['requests_per_s']:>11.1f}"
           f"{row['p50_ms']:>10.2f}{row['p99_ms']:>10.2f}{sp:>10}", flush=True)
 
 
