@@ -107,6 +107,17 @@ def _test_rows(ctx, ks: list[int], beam_width: int, max_users: int = 0, renormal
                 model, es, trie=trie, max_len=cfg.data.max_seq_len, ks=ks, batch_size=cfg.eval.batch_size,
                 beam_width=w, options=opts, max_users=max_users, exclude_history=excl)
             rows[f"generative (beam {w})" + tag]["seconds"] = time.perf_counter() - t0
+        if getattr(model.decoder, "repeat_bias", None) is not None:  # same model, offsets set to 0: the
+            # plain decoder's beams (a detached run's model is trained exactly as without the option)
+            import jax.numpy as jnp
+
+            plain = ctx.steps.model(ctx.state["params"])
+            plain.decoder.repeat_bias[...] = jnp.zeros_like(plain.decoder.repeat_bias[...])
+            t0 = time.perf_counter()
+            rows["generative (beam), offsets 0" + tag] = evaluate_generative(
+                plain, es, trie=trie, max_len=cfg.data.max_seq_len, ks=ks, batch_size=cfg.eval.batch_size,
+                beam_width=beam_width, options=opts, max_users=max_users, exclude_history=excl)
+            rows["generative (beam), offsets 0" + tag]["seconds"] = time.perf_counter() - t0
         base = evaluate_baselines(ctx.fit_events, es, num_items=ds.num_items, ks=ks, max_users=max_users,
                                   exclude_history=excl)
         rows.update({f"{name} baseline{tag}": r for name, r in base.items()})
