@@ -150,6 +150,10 @@ class DecoderConfig:
     # would get without the option -- a calibration learnt alongside training, which cannot
     # make the ranking of unseen items worse.
     history_bias_train: Literal["joint", "detached"] = "joint"
+    # Offset in logits = this x its parameter. Adam moves a parameter by about the learning
+    # rate per step, so this sets how far the offsets can travel in a run: a catalogue where
+    # nobody repeats an item (the best offset is -inf) wants a large one.
+    history_bias_scale: float = 10.0
 
 
 @dataclasses.dataclass
@@ -420,6 +424,8 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
                f"must be >= 0 (0 = every level), got {dc.history_bias_levels}", source)
         _check(dc.history_bias_train in ("joint", "detached"), "model.decoder.history_bias_train",
                f"must be 'joint' or 'detached', got {dc.history_bias_train!r}", source)
+        _check(dc.history_bias_scale > 0, "model.decoder.history_bias_scale",
+               f"must be > 0, got {dc.history_bias_scale}", source)
         if dc.use_moe:
             _check(1 <= m.moe.top_k <= m.moe.num_experts, "model.moe.top_k",
                    f"must be in [1, num_experts={m.moe.num_experts}], got {m.moe.top_k}", source)

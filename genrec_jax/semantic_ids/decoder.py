@@ -43,7 +43,7 @@ from genrec_jax.config import DecoderConfig, MoEConfig
 from genrec_jax.model.layers import Dense, Embed, KeySeq, LayerNorm, dropout, param
 
 NEG_INF = -1e30
-REPEAT_BIAS_SCALE = 10.0  # repeat offset in logits = this x its parameter (SemanticIDDecoder.repeat_offsets)
+REPEAT_BIAS_SCALE = 10.0  # default of model.decoder.history_bias_scale: offset in logits = this x its parameter
 
 
 class ItemCodes(nnx.Variable):
@@ -220,10 +220,10 @@ class SemanticIDDecoder(nnx.Module):
 
     def repeat_offsets(self) -> jax.Array:
         """The per-level repeat offsets r_t in logit units, float32 [L]. The parameter holds
-        r / REPEAT_BIAS_SCALE: Adam moves a parameter by about the learning rate per step, so
-        a raw scalar would need thousands of steps to reach the several nats a
-        never-repeating catalogue calls for."""
-        r = REPEAT_BIAS_SCALE * self.repeat_bias[...].astype(jnp.float32)
+        r / ``history_bias_scale`` (default REPEAT_BIAS_SCALE): Adam moves a parameter by
+        about the learning rate per step, so a raw scalar would need thousands of steps to
+        reach the several nats a never-repeating catalogue calls for."""
+        r = self.cfg.history_bias_scale * self.repeat_bias[...].astype(jnp.float32)
         n = self.cfg.history_bias_levels
         if 0 < n < self.num_levels:  # only the last n levels (the others stay 0, and get no gradient)
             r = jnp.where(jnp.arange(self.num_levels) >= self.num_levels - n, r, 0.0)

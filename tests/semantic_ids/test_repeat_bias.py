@@ -308,3 +308,19 @@ def test_repeat_offsets_do_not_scale_the_other_gradients_through_the_clip():
     for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)):
         if "repeat_bias" not in jax.tree_util.keystr(path):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_history_bias_scale_sets_the_offset_per_unit_of_parameter():
+    """offset = history_bias_scale x parameter, so with the same Adam steps a 10x scale moves
+    the offsets 10x as far (the other weights do not see the scale)."""
+    from genrec_jax.config import ConfigError, load_config, preset_path
+
+    for scale in (10.0, 100.0):
+        cfg = DecoderConfig(enabled=True, num_layers=1, num_heads=2, head_dim=8, ffn_dim=16, history_bias=True,
+                            history_bias_scale=scale)
+        dec = SemanticIDDecoder(8, SIZES, cfg, rngs=nnx.Rngs(0))
+        dec.repeat_bias[...] = jnp.array([0.1, -0.2, -0.5])
+        np.testing.assert_allclose(np.asarray(dec.repeat_offsets()), scale * np.array([0.1, -0.2, -0.5]), rtol=1e-6)
+    with pytest.raises(ConfigError, match="history_bias_scale"):
+        load_config(preset_path("tiny"), ["model.decoder.enabled=true", "model.decoder.history_bias=true",
+                                          "model.decoder.history_bias_scale=0"])
