@@ -80,6 +80,15 @@ class MoEConfig:
     # backward pass instead of keeping them: blocks x D x F x 2 values less per layer, one
     # more forward of the experts. For many experts over few tokens per device (xl).
     remat_blocks: bool = False
+    # With the `expert` mesh axis > 1 (and `tensor` 1): "xla" leaves the token movement to
+    # XLA's partitioner (the global routing, placed by XLA); "all_to_all" routes each
+    # device's own tokens and sends every token copy to the device holding its expert and
+    # back with two explicit all-to-alls (shard_map), GShard-style.
+    dispatch: Literal["xla", "all_to_all"] = "xla"
+    # all_to_all: slots per (sender, receiving device) = ceil(factor x local copies / expert
+    # devices); copies past them are dropped (counted in the log as moe_dropped). 0 = room
+    # for every copy on every device: dropless, and equal to the other routings.
+    capacity_factor: float = 0.0
     balance_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
 
@@ -376,6 +385,10 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
             source,
         )
         _check(m.moe.block_size >= 1, "model.moe.block_size", "must be >= 1", source)
+        _check(m.moe.dispatch in ("xla", "all_to_all"), "model.moe.dispatch",
+               f"must be 'xla' or 'all_to_all', got {m.moe.dispatch!r}", source)
+        _check(m.moe.capacity_factor >= 0, "model.moe.capacity_factor",
+               f"must be >= 0 (0 = dropless), got {m.moe.capacity_factor}", source)
     ms = m.multiscale
     if ms.enabled:
         _check(ms.short_len >= 1, "model.multiscale.short_len", "must be >= 1", source)
