@@ -17,7 +17,9 @@ trainer shards with). Counted per device:
   routing, each layer also keeps its per-block copies of the expert weights: 2 x blocks x
   D x F values, blocks = ceil((T k + E (M - 1)) / M) for T tokens per device and M rows per
   block (``genrec_jax.model.moe.block_rows``); with ``model.moe.remat_blocks`` only one layer's copies
-  are live at a time.
+  are live at a time. With ``model.moe.dispatch=all_to_all`` over an expert axis of size X,
+  the blocks hold the rows a device receives (X x slots, ``all_to_all_slots``) for its E / X
+  experts, and each layer keeps its send, receive and return buffers (3 x rows x D).
 
 FLOPs per token (forward; training = 3x forward), with n̄ = (N + 1) / 2 keys per query:
 
@@ -122,18 +124,35 @@ def activation_floats_per_token(cfg: Config, attention: str, tensor: int) -> flo
     return m.num_layers * layer
 
 
-def moe_block_floats(cfg: Config, tokens: int) -> float:
-    """Values of the ``blocked`` MoE routing's per-block expert-weight copies, all layers."""
+def all_to_all_slots(cfg: Config, tokens: int, expert: int) -> int:
+    """Rows one device receives (and sends) per MoE layer with ``moe.dispatch=all_to_all``
+    over ``expert`` devices: expert x slots, slots = every local copy when
+    ``capacity_factor`` is 0, else ceil(factor x copies / expert)."""
+    copies = tokens * cfg.model.moe.top_k
+    cf = cfg.model.moe.capacity_factor
+    slots = copies if cf <= 0 else min(copies, max(1, -(-int(cf * copies) // expert)))
+    return expert * slots
+
+
+def moe_block_floats(cfg: Config, tokens: int, expert: int = 1) -> float:
+    """Values of the ``blocked`` MoE routing's per-block expert-weight copies, all layers;
+    with the all-to-all dispatch also its send, receive and return buffers (rows x D each)."""
     m = cfg.model
-    if m.ffn != "moe" or m.moe.routing != "blocked":
+    if m.ffn != "moe":
         return 0.0
     from genrec_jax.model.moe import block_rows
 
-    e, copies = m.moe.num_experts, tokens * m.moe.top_k
+    e, copies, extra = m.moe.num_experts, tokens * m.moe.top_k, 0.0
+    if m.moe.dispatch == "all_to_all" and expert > 1 and m.moe.num_experts % expert == 0:
+        copies = all_to_all_slots(cfg, tokens, expert)  # the rows this device's experts run
+        e //= expert
+        extra = m.num_layers * 3.0 * copies * m.embed_dim
+    if m.moe.routing != "blocked":
+        return extra
     rows = block_rows(copies, e, m.moe.block_size)
     blocks = -(-(copies + e * (rows - 1)) // rows)
     layers = 1 if m.moe.remat_blocks else m.num_layers
-    return float(layers * 2 * blocks * m.embed_dim * m.moe.expert_dim)
+    return float(layers * 2 * blocks * m.embed_dim * m.moe.expert_dim) + extra
 
 
 def make_plan(cfg: Config, mesh: dict[str, int], *, num_items: int, attention: str = "xla") -> Plan:
@@ -144,7 +163,7 @@ def make_plan(cfg: Config, mesh: dict[str, int], *, num_items: int, attention: s
     dp = mesh["data"] * mesh["fsdp"] * mesh["expert"]
     tokens = max(1, cfg.data.batch_size * cfg.data.max_seq_len // dp)
     act_bytes = (activation_floats_per_token(cfg, attention, mesh["tensor"]) * tokens
-                 + moe_block_floats(cfg, tokens)) * (2 if cfg.model.dtype == "bfloat16" else 4)
+                 + moe_block_floats(cfg, tokens, mesh["expert"])) * (2 if cfg.model.dtype == "bfloat16" else 4)
     return Plan(
         num_params=int(total), num_params_item_table=int(item_table), mesh=dict(mesh),
         bytes_params=per_dev, bytes_grads=per_dev, bytes_optimizer=2 * per_dev, bytes_activations=act_bytes,

@@ -68,3 +68,20 @@ def test_blocked_moe_weight_copies_are_counted():
     remat = make_plan(load_config(preset_path("tiny"), over + ["model.moe.routing=blocked",
                                                                "model.moe.remat_blocks=true"]), mesh, num_items=120)
     assert remat.bytes_activations - dense.bytes_activations == 1 * 2 * blocks * 32 * 48 * 4  # one layer live
+
+
+def test_all_to_all_dispatch_buffers_are_counted():
+    """moe.dispatch=all_to_all over expert=4 with the dense routing: + layers x 3 x rows x D
+    values (send, receive, return buffers), rows = 4 x slots; dropless slots = every local
+    copy, capacity 1.0: ceil(copies / 4)."""
+    over = ["model.ffn=moe", "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_dim=48",
+            "model.moe.routing=dense", "data.batch_size=64"]
+    mesh = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 4}
+    plain = make_plan(load_config(preset_path("tiny"), over), mesh, num_items=120)
+    tokens = 64 * 16 // 4
+    assert plain.tokens_per_device == tokens
+    for cf, slots in [(0.0, tokens * 2), (1.0, tokens * 2 // 4)]:
+        a2a = make_plan(load_config(preset_path("tiny"), over + ["model.moe.dispatch=all_to_all",
+                                                                 f"model.moe.capacity_factor={cf}"]),
+                        mesh, num_items=120)
+        assert a2a.bytes_activations - plain.bytes_activations == 2 * 3 * 4 * slots * 32 * 4
