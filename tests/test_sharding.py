@@ -51,6 +51,8 @@ def run_steps(cfg, ds, split, batches, mesh_cfg: MeshConfig, devices=None):
     for b in batches:
         state, m = steps.train_step(state, steps.device_batch(b))
         losses.append(float(m["loss"]))
+        if "moe_dropped" in m:  # explicit all-to-all dispatch: dropless here, nothing may drop
+            assert float(m["moe_dropped"]) == 0.0
     return losses, state, steps
 
 
@@ -82,16 +84,8 @@ def test_all_to_all_expert_dispatch_train_step_equals_single_device(setup_data, 
     cfg, ds, split, batches = setup_data
     cfg = copy.deepcopy(cfg)
     cfg.model.moe.dispatch = "all_to_all"
-    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=1, expert=4))
-    model = build_model(cfg.model, num_items=ds.num_items, num_actions=ds.num_actions,
-                        max_len=cfg.data.max_seq_len, seed=0, action_names=tuple(ds.action_names))
-    steps = StepBuilder(model, cfg.train, mesh, item_counts=ds.item_popularity(split.train))
-    state = steps.init_state()
-    got = []
-    for b in batches:
-        state, m = steps.train_step(state, steps.device_batch(b))
-        got.append(float(m["loss"]))
-        assert float(m["moe_dropped"]) == 0.0
+    got, state, steps = run_steps(cfg, ds, split, batches, MeshConfig(data=2, fsdp=1, tensor=1, expert=4))
+    assert "moe_dropped" in steps.train_step(state, steps.device_batch(batches[0]))[1]
     np.testing.assert_allclose(got, single_device_losses, rtol=1e-5, atol=1e-5)
     assert state["params"]["layers"][0]["ffn"]["w1"][...].sharding.mesh.shape["expert"] == 4
 
