@@ -156,8 +156,9 @@ class DecoderConfig:
     # How the offsets train. "joint": the decoder's loss sees the offset logits, so the rest
     # of the model co-adapts to them. "detached": the offsets are fitted on the decoder's
     # logits held fixed (stop-gradient) while every other weight gets exactly the gradient it
-    # would get without the option -- a calibration learnt alongside training, which cannot
-    # make the ranking of unseen items worse.
+    # would get without the option -- a calibration learnt alongside training, which leaves
+    # how the rest of the model learns unchanged. (Beam search still changes: on Beauty,
+    # offsets on every level cut seen items' branches early and lost to last level only.)
     history_bias_train: Literal["joint", "detached"] = "joint"
     # Offset in logits = this x its parameter. Adam moves a parameter by about the learning
     # rate per step, so this sets how far the offsets can travel in a run: a catalogue where
