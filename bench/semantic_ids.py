@@ -8,12 +8,16 @@
         (top-50) retrieves for test users of their cluster.
 
     GENREC_DATA_DIR=/path python bench/semantic_ids.py beauty [--fit train+valid] [--set k=v]
-                                 [--eval-split valid] [--exclude-history]
+                                 [--eval-split valid] [--history kept|removed|both]
         Amazon Beauty (TIGER's split): RQ-VAE over co-occurrence vectors (training events
         only) -> UGT + decoder trained jointly -> test Recall@5/10, NDCG@5/10 of beam search
         beside the retrieval head and the transition / popularity baselines, all fitted on
         the same events (--fit train: every user's events but the last two; train+valid:
-        all but the last, i.e. everything before the test target).
+        all but the last, i.e. everything before the test target). With repeat-aware
+        decoding (the preset's model.decoder.history_bias) the same model's beams are also
+        scored with the offsets set to 0 (rows "generative (beam), offsets 0").
+        --history kept|removed|both: history items left in the ranking (the protocol of the
+        published rows), dropped from it after the search, or both.
 
 Both print a table; ``--json PATH`` writes one JSON object per row. No FLOP formula: these
 are quality benchmarks (wall-clock seconds are reported per stage).
