@@ -87,7 +87,8 @@ class MoEConfig:
     dispatch: Literal["xla", "all_to_all"] = "xla"
     # all_to_all: slots per (sender, receiving device) = ceil(factor x local copies / expert
     # devices); copies past them are dropped (counted in the log as moe_dropped). 0 = room
-    # for every copy on every device: dropless, and equal to the other routings.
+    # for every copy on every device: dropless, and equal to the other routings, but the
+    # static buffers (and the expert work on them) are then `expert` times the real copies.
     capacity_factor: float = 0.0
     balance_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
