@@ -24,14 +24,20 @@ def _reference(u, table, targets, mask, scale, log_q, neg):
     return float((ce * w).sum() / max(w.sum(), 1.0))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sampled_softmax_equals_the_concatenated_softmax(seed):
-    rng = np.random.default_rng(seed)
-    b, n, d, v, k = 3, 7, 16, 50, 32
+def _random_inputs(rng, b, n, d, v):
+    """User vectors [B, N, D], an item table [V, D], targets in 1..V-1, a validity mask."""
     u = jnp.asarray(rng.standard_normal((b, n, d)), jnp.float32)
     table = jnp.asarray(rng.standard_normal((v, d)), jnp.float32)
     targets = jnp.asarray(rng.integers(1, v, (b, n)), jnp.int32)
     mask = jnp.asarray(rng.random((b, n)) > 0.2)
+    return u, table, targets, mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampled_softmax_equals_the_concatenated_softmax(seed):
+    rng = np.random.default_rng(seed)
+    b, n, d, v, k = 3, 7, 16, 50, 32
+    u, table, targets, mask = _random_inputs(rng, b, n, d, v)
     counts = rng.integers(0, 100, v)
     w = (counts + 1.0) ** 0.75
     w[0] = 0.0
@@ -87,10 +93,7 @@ def test_gathered_then_normalised_rows_equal_the_normalised_table(seed):
 
     rng = np.random.default_rng(seed)
     b, n, d, v, k = 2, 5, 8, 30, 16
-    u = jnp.asarray(rng.standard_normal((b, n, d)), jnp.float32)
-    emb = jnp.asarray(rng.standard_normal((v, d)), jnp.float32)
-    targets = jnp.asarray(rng.integers(1, v, (b, n)), jnp.int32)
-    mask = jnp.asarray(rng.random((b, n)) > 0.2)
+    u, emb, targets, mask = _random_inputs(rng, b, n, d, v)
     log_q = jnp.log(jnp.asarray(np.r_[0.0, rng.random(v - 1) + 0.1], jnp.float32))
     key = jax.random.key(seed)
 
