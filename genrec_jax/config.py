@@ -223,6 +223,10 @@ class TrainConfig:
     # drawn from the popularity distribution with log-Q correction.
     loss: Literal["softmax", "sampled_softmax"] = "softmax"
     num_negatives: int = 512
+    # Operand dtype of the sampled softmax's [B, N, K] logit product and of its gradient's two
+    # products (float32 accumulation either way). bfloat16 runs them on the tensor cores at
+    # full rate; float32 operands run as TF32 on GPUs.
+    logits_dtype: Literal["float32", "bfloat16"] = "float32"
     contrastive_weight: float = 0.0  # lambda_1 of the in-batch InfoNCE term
     multitask_weight: float = 1.0
     decoder_weight: float = 1.0

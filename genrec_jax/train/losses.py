@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -31,18 +33,55 @@ def full_softmax_loss(user_vecs: jax.Array, item_table: jax.Array, targets: jax.
     return loss, {"retrieval_loss": loss}
 
 
+def _dot_f32(a: jax.Array, b: jax.Array, spec: str) -> jax.Array:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def low_precision_logits(u: jax.Array, v: jax.Array, dtype) -> jax.Array:
+    """``u [..., D] @ v[K, D]^T`` in float32, from operands rounded to ``dtype`` (e.g.
+    bfloat16: the tensor cores' full rate, where float32 operands run as TF32 at half of
+    it). The backward's two products take ``dtype`` operands too: the incoming [..., K]
+    gradient is rounded to ``dtype`` once (which also halves the bytes of that array), and
+    both products accumulate in float32. Gradients come back in ``u``'s and ``v``'s dtypes."""
+    return _dot_f32(u.astype(dtype), v.astype(dtype), "...d,kd->...k")
+
+
+def _lpl_fwd(u, v, dtype):
+    ul, vl = u.astype(dtype), v.astype(dtype)
+    # zero-size arrays carry the inputs' dtypes to the backward
+    return _dot_f32(ul, vl, "...d,kd->...k"), (ul, vl, jnp.zeros((0,), u.dtype), jnp.zeros((0,), v.dtype))
+
+
+def _lpl_bwd(dtype, res, g):
+    ul, vl, u_dt, v_dt = res
+    gl = g.astype(dtype)
+    du = _dot_f32(gl, vl, "...k,kd->...d").astype(u_dt.dtype)
+    dv = jnp.einsum("...k,...d->kd", gl, ul, preferred_element_type=jnp.float32).astype(v_dt.dtype)
+    return du, dv
+
+
+low_precision_logits.defvjp(_lpl_fwd, _lpl_bwd)
+
+
 def sampled_softmax_loss(user_vecs: jax.Array, item_table, targets: jax.Array, mask: jax.Array,
-                         scale: float, log_q: jax.Array, num_negatives: int, key: jax.Array) -> tuple[jax.Array, dict]:
+                         scale: float, log_q: jax.Array, num_negatives: int, key: jax.Array,
+                         logits_dtype=jnp.float32) -> tuple[jax.Array, dict]:
     """``log_q`` [V]: log sampling probability of each item (padding row -inf).
     ``item_table``: the item vectors [V, D], or a function from item ids to their vectors
-    (e.g. ``model.item_vectors``, which normalises only the rows it gathers)."""
+    (e.g. ``model.item_vectors``, which normalises only the rows it gathers).
+    ``logits_dtype``: operand dtype of the [B, N, K] negative-logit product and its
+    gradient (``low_precision_logits``); float32 (default) keeps every operand in float32."""
     rows = item_table if callable(item_table) else (lambda ids: jnp.take(item_table, ids, axis=0))
     neg = sample_negatives(key, log_q, num_negatives)  # [K]
     u = user_vecs.astype(jnp.float32)
     pos_vec = rows(targets).astype(jnp.float32)  # [B, N, D]
     pos_logit = jnp.sum(u * pos_vec, -1) * scale - (jnp.log(num_negatives) + jnp.take(log_q, targets))
-    neg_vec = rows(neg).astype(jnp.float32)  # [K, D]
-    neg_logit = jnp.einsum("bnd,kd->bnk", u, neg_vec) * scale - (jnp.log(num_negatives) + log_q[neg])
+    if jnp.dtype(logits_dtype) == jnp.float32:
+        neg_prod = jnp.einsum("bnd,kd->bnk", u, rows(neg).astype(jnp.float32))
+    else:
+        neg_prod = low_precision_logits(user_vecs, rows(neg), jnp.dtype(logits_dtype))
+    neg_logit = neg_prod * scale - (jnp.log(num_negatives) + log_q[neg])
     neg_logit = jnp.where(neg[None, None, :] == targets[..., None], NEG_INF, neg_logit)
     # -log softmax([pos, neg...])[0] without materialising the [B, N, K + 1] concatenation (a
     # copy of every logit) or reducing over rows of odd length K + 1.

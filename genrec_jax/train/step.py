@@ -71,11 +71,12 @@ class Objective:
     contrastive_weight: float = 0.0
     multitask_weight: float = 1.0
     decoder_weight: float = 1.0
+    logits_dtype: str = "float32"
 
     @classmethod
     def from_config(cls, t: TrainConfig) -> "Objective":
         return cls(t.loss, t.num_negatives, t.retrieval_weight, t.contrastive_weight, t.multitask_weight,
-                   t.decoder_weight)
+                   t.decoder_weight, t.logits_dtype)
 
 
 def compute_loss(model, batch: dict, key: jax.Array, obj: Objective, log_q: jax.Array | None):
@@ -94,7 +95,7 @@ def compute_loss(model, batch: dict, key: jax.Array, obj: Objective, log_q: jax.
             rl, m = losses.full_softmax_loss(u, model.item_table(), batch["targets"], mask, scale)
         else:  # only the targets' and the negatives' rows are read (and normalised)
             rl, m = losses.sampled_softmax_loss(u, model.item_vectors, batch["targets"], mask, scale, log_q,
-                                                obj.num_negatives, k_neg)
+                                                obj.num_negatives, k_neg, logits_dtype=obj.logits_dtype)
         metrics.update(m)
         total = total + obj.retrieval_weight * rl
     # --- semantic-ID decoder: next-item code prediction from memory s_0..s_i at sampled positions i

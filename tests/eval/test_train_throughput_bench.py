@@ -32,4 +32,6 @@ def test_weak_scaling_rows(tmp_path, capsys):
         ("single", 1, 8), ("data", n, 8 * n), ("fsdp", n, 8 * n)]
     for r in rows[1:]:
         assert r["scaling_efficiency"] == pytest.approx(r["tokens_per_s"] / n / rows[0]["tokens_per_s"])
+    for r in rows:  # steady state and one-at-a-time timings are both reported
+        assert r["step_ms"] > 0 and r["step_ms_blocked"] > 0
     assert "per-device efficiency" in capsys.readouterr().out

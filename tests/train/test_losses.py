@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genrec_jax.train.losses import NEG_INF, sample_negatives, sampled_softmax_loss
+from genrec_jax.train.losses import NEG_INF, low_precision_logits, sample_negatives, sampled_softmax_loss
 
 
 def _reference(u, table, targets, mask, scale, log_q, neg):
@@ -109,3 +109,72 @@ def test_gathered_then_normalised_rows_equal_the_normalised_table(seed):
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=1e-5, atol=1e-7)
     assert np.abs(np.asarray(g1)).max() > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_low_precision_logits_against_float64(seed):
+    """bfloat16 operands, float32 accumulation: the product and both gradients stay within
+    bfloat16 rounding of the float64 values, come back in the inputs' dtypes, and every
+    product in the forward and backward takes bfloat16 operands."""
+    rng = np.random.default_rng(seed)
+    u = jnp.asarray(rng.standard_normal((2, 5, 64)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((33, 64)), jnp.bfloat16)
+    w = rng.standard_normal((2, 5, 33))  # a fixed linear function of the logits
+    f = lambda a, b: jnp.sum(low_precision_logits(a, b, jnp.dtype(jnp.bfloat16)) * jnp.asarray(w, jnp.float32))
+    out = low_precision_logits(u, v, jnp.dtype(jnp.bfloat16))
+    du, dv = jax.grad(f, argnums=(0, 1))(u, v)
+    u64, v64 = np.asarray(u, np.float64), np.asarray(v.astype(jnp.float32), np.float64)
+    want = np.einsum("bnd,kd->bnk", u64, v64)
+    want_du = np.einsum("bnk,kd->bnd", w, v64)
+    want_dv = np.einsum("bnk,bnd->kd", w, u64)
+    assert out.dtype == jnp.float32 and du.dtype == jnp.float32 and dv.dtype == jnp.bfloat16
+    for got, ref in ((out, want), (du, want_du), (dv, want_dv)):
+        got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+        assert np.all(np.isfinite(got))
+        scale = np.sqrt(np.mean(ref**2))  # errors relative to the typical magnitude
+        assert np.max(np.abs(got - ref)) <= 2e-2 * scale, np.max(np.abs(got - ref)) / scale
+    dots = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(u, v).jaxpr)
+    assert len(dots) == 3, dots  # the forward product and the two gradient products
+    assert all(dt == jnp.bfloat16 for pair in dots for dt in pair), dots
+
+
+def _dot_operand_dtypes(jaxpr) -> list:
+    """Operand dtypes of every dot_general in a jaxpr, nested jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(tuple(a.aval.dtype for a in eqn.invars))
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += _dot_operand_dtypes(inner)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sampled_softmax_bfloat16_logits_match_float32(seed):
+    """logits_dtype=bfloat16 changes the loss and its gradient by bfloat16 rounding only."""
+    rng = np.random.default_rng(seed)
+    b, n, d, v, k = 2, 9, 32, 80, 64
+    u, table, targets, mask = _random_inputs(rng, b, n, d, v)
+    u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)  # unit vectors, as the model feeds it
+    table = table / jnp.linalg.norm(table, axis=-1, keepdims=True)
+    w = np.ones(v)
+    w[0] = 0.0
+    log_q = jnp.asarray(np.log(w / w.sum()), jnp.float32)
+    key = jax.random.PRNGKey(seed)
+    neg = np.asarray(sample_negatives(key, log_q, k))
+
+    def loss(x, dt):
+        return sampled_softmax_loss(x, table, targets, mask, 5.0, log_q, k, key, logits_dtype=dt)[0]
+
+    want = _reference(u, table, np.asarray(targets), mask, 5.0, log_q, neg)
+    got32, g32 = jax.value_and_grad(loss)(u, jnp.float32)
+    got16, g16 = jax.value_and_grad(loss)(u, jnp.bfloat16)
+    assert abs(float(got32) - want) <= 1e-5 * max(1.0, abs(want))
+    assert np.isfinite(float(got16)) and abs(float(got16) - want) <= 1e-2 * max(1.0, abs(want))
+    g32, g16 = np.asarray(g32, np.float64), np.asarray(g16, np.float64)
+    assert np.all(np.isfinite(g16))
+    assert np.max(np.abs(g16 - g32)) <= 2e-2 * np.max(np.abs(g32))
+    assert not np.array_equal(g16, g32)  # the bfloat16 path really ran
