@@ -153,6 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default=None,
                    help="write a jax.profiler trace of the timed steps under DIR/<backend>-<n>dev and print "
                         "where the device time goes (kernel classes and the top kernels)")
+    p.add_argument("--profile-top", type=int, default=25, help="kernels listed by --profile")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
                      mfu=fpt * r["tokens_per_s"] / (peak * 1e12 * r["devices"]))
             rows.append(r)
             if prof:
-                summary = summarize_trace(prof, args.steps)
+                summary = summarize_trace(prof, args.steps, top=args.profile_top)
                 print_trace_summary(summary, f"profile of {backend} on {len(devs)} device(s), {prof}")
                 profile_rows += [{"bench": "profile", "backend": backend, "devices": len(devs), **x} for x in summary]
     if not rows:
