@@ -146,10 +146,11 @@ class Service(LoopWatch):
 
     async def run(self, job: Any, timeout_ms: int | None) -> Any:
         timeout_s = min(timeout_ms or self.cfg.timeout_ms, self.cfg.timeout_ms) / 1e3
-        fut = self.batcher.submit(job, timeout_s)
+        # An asyncio future of this loop: the batcher answers a whole batch in one loop wake-up.
+        fut = self.batcher.submit(job, timeout_s, loop=asyncio.get_running_loop())
         try:
             async with asyncio.timeout(timeout_s):  # no extra task per request, unlike wait_for on 3.11
-                return await asyncio.wrap_future(fut)
+                return await fut
         except TimeoutError:
             fut.cancel()
             raise DeadlineExceeded(f"no answer within {1e3 * timeout_s:.0f} ms") from None

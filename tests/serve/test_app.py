@@ -156,9 +156,9 @@ def submitted(monkeypatch):
     jobs = []
     real_submit = Batcher.submit
 
-    def counting_submit(self, payload, timeout_s):
+    def counting_submit(self, payload, timeout_s, **kw):
         jobs.append(payload)
-        return real_submit(self, payload, timeout_s)
+        return real_submit(self, payload, timeout_s, **kw)
 
     monkeypatch.setattr(Batcher, "submit", counting_submit)
     return jobs

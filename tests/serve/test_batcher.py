@@ -100,3 +100,79 @@ def test_stop_answers_queued_jobs():
         queued.result(5)
     with pytest.raises(ShuttingDown):
         b.submit(2, 5.0)
+
+
+def test_loop_futures_get_their_own_results_with_one_wakeup_per_batch():
+    """Jobs submitted with ``loop=``: asyncio futures, each resolved with its own result (or
+    error), and each batch's outcomes handed to the loop in a single call."""
+    import asyncio
+
+    sizes = []
+
+    def run(payloads):
+        sizes.append(len(payloads))
+        time.sleep(0.002)
+        return [ValueError(f"bad {p}") if p % 7 == 3 else p * 10 for p in payloads]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        calls = []
+        plain = loop.call_soon_threadsafe
+
+        def counting(cb, *args):
+            calls.append(cb)
+            return plain(cb, *args)
+
+        loop.call_soon_threadsafe = counting
+        b = make(run, queue_size=256)
+        try:
+            futs = [b.submit(i, 5.0, loop=loop) for i in range(100)]
+            assert all(isinstance(f, asyncio.Future) for f in futs)
+            got = await asyncio.gather(*futs, return_exceptions=True)
+        finally:
+            b.stop()
+        for i, r in enumerate(got):
+            if i % 7 == 3:
+                assert isinstance(r, ValueError) and str(r) == f"bad {i}"
+            else:
+                assert r == i * 10, "a caller got another caller's result"
+        assert sum(sizes) == 100 and max(sizes) > 1
+        assert len(calls) == len(sizes), (len(calls), sizes)  # one wake-up per batch, not per job
+
+    asyncio.run(main())
+
+
+def test_loop_futures_cancelled_or_late_are_not_run():
+    """A caller that cancelled before its batch ran is skipped; a job past its deadline in the
+    queue gets DeadlineExceeded through its loop."""
+    import asyncio
+
+    gate = threading.Event()
+    ran = []
+
+    def run(payloads):
+        gate.wait(5)
+        ran.extend(payloads)
+        return payloads
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        b = make(run, max_batch=1)
+        try:
+            first = b.submit(0, 5.0, loop=loop)
+            await asyncio.sleep(0.02)  # the worker holds job 0 at the gate
+            gone = b.submit(1, 5.0, loop=loop)
+            late = b.submit(2, 0.01, loop=loop)
+            kept = b.submit(3, 5.0, loop=loop)
+            gone.cancel()
+            await asyncio.sleep(0.05)
+            gate.set()
+            assert await first == 0 and await kept == 3
+            with pytest.raises(DeadlineExceeded):
+                await late
+        finally:
+            gate.set()
+            b.stop()
+        assert ran == [0, 3]
+
+    asyncio.run(main())
