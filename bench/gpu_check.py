@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Check every Triton kernel on a CUDA GPU against float64 references.
 
-    python bench/gpu_check.py [--json rows.json] [--only attention,configs,jagged,torch,cached,interaction,reference,sharded]
+    python bench/gpu_check.py [--json rows.json] [--only attention,configs,jagged,torch,cached,interaction,reference,sharded,moe]
 
 For each kernel (HSTU attention forward, backward — dQ, dK, dV, d pos_bias, d time_bias —,
-jagged, M-FALCON targets, cached/decode; interaction forward and backward) and several
+jagged, M-FALCON targets, cached/decode; interaction forward and backward; the MoE grouped
+matmul forward, input and weight gradients, and a whole MoE layer against its XLA form) and several
 shapes (ragged lengths including 1, odd sizes, the maximum length), on fresh random inputs:
 
 * through jax-triton (the production path, autotuned), fp32 and bf16;
@@ -35,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.common import write_rows  # noqa: E402
 
-ALL_GROUPS = ("attention", "configs", "jagged", "torch", "cached", "interaction", "reference", "sharded")
+ALL_GROUPS = ("attention", "configs", "jagged", "torch", "cached", "interaction", "reference", "sharded", "moe")
 
 # --interpret (development only): the same checks through the CPU interpreter, shapes capped.
 MODE = {"main": "jax_triton", "small": False}
@@ -381,6 +382,74 @@ def run_interaction(R, I, modes=None):
             R.run("interaction", "pairwise_interaction", name, dtype, mode, checks)
 
 
+# --------------------------------------------------------------------------- MoE grouped matmul
+
+GMM_CASES = [  # tiles per expert, rows per tile, K, N
+    ([2, 0, 3, 1], 16, 24, 40), ([0, 4, 0], 16, 33, 17), ([1, 1], 128, 64, 64),
+    ([17, 17, 18, 16, 17, 17, 17, 17], 512, 512, 1024), ([17, 17, 18, 16, 17, 17, 17, 17], 512, 1024, 512),
+]
+
+
+def run_moe(R, G):
+    """grouped_matmul_triton (forward, dx, dw) against float64 loops, every autotune
+    configuration pinned at the base shape, and a MoE layer with moe.kernel=triton against the
+    same layer with the XLA formulation (output and every gradient)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from genrec_jax.config import MoEConfig
+    from genrec_jax.kernels import grouped_matmul as kg
+    from genrec_jax.kernels import launch
+    from genrec_jax.kernels.grouped_matmul import grouped_matmul_triton
+    from genrec_jax.model.moe import MoEFFN
+
+    mode = MODE["main"]
+    cases = [(c, dt, None) for c in GMM_CASES for dt in ("float32", "bfloat16")]
+    cases += [(GMM_CASES[3], "bfloat16", cfg) for cfg in launch.autotune_configs(kg.autotuned("fwd"))]
+    for (counts, m, k, n), dtype, cfg in cases:
+        def checks(counts=counts, m=m, k=k, n=n, dtype=dtype, cfg=cfg):
+            x, w, te, g = G.inputs(counts, m, k, n, seed("gmm", m, k, n, dtype), getattr(jnp, dtype))
+            fn = jax.jit(lambda a, b: jax.vjp(lambda a, b: grouped_matmul_triton(a, b, te, launch_mode=mode,
+                                                                                 config=cfg), a, b))
+            gq = jnp.asarray(g, x.dtype)
+            out, vjp = fn(x, w)
+            dx, dw = jax.jit(vjp)(gq)
+            want = G.loops64(x.astype(jnp.float32), w.astype(jnp.float32), te, np.asarray(gq.astype(jnp.float32)))
+            tol = 1e-5 if dtype == "float32" else 1e-2
+            return [(what, err_of(got, ref), tol) for what, got, ref in zip(("out", "dx", "dw"), (out, dx, dw), want)]
+
+        name = f"tiles{sum(counts)} E{len(counts)} M{m} K{k} N{n}" + ("" if cfg is None else f" pinned {cfg}")
+        R.run("moe", "grouped_matmul", name, dtype, mode, checks)
+
+    for dtype in ("float32", "bfloat16"):
+        def layer(dtype=dtype):
+            dt = getattr(jnp, dtype)
+            t, d = 4096, 256
+            x = jnp.asarray(np.random.default_rng(7).standard_normal((t, d)), dt)
+            outs = {}
+            for kern in ("xla", "triton"):
+                moe = MoEFFN(d, MoEConfig(num_experts=8, top_k=2, expert_dim=512, block_size=512, kernel=kern),
+                             rngs=nnx.Rngs(0), dtype=dt)
+                gd, params = nnx.split(moe)
+
+                def loss(p, x):
+                    y, aux = nnx.merge(gd, p)(x)
+                    return jnp.sum(jnp.tanh(y.astype(jnp.float32))) + aux["moe_balance_loss"], y
+
+                (_, y), (gp, gx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+                outs[kern] = (y, gx, gp)
+            tol = 1e-5 if dtype == "float32" else 2e-2
+            (y0, gx0, gp0), (y1, gx1, gp1) = outs["xla"], outs["triton"]
+            ref = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)  # noqa: E731
+            rows = [("out", err_of(y1, ref(y0)), tol), ("dx", err_of(gx1, ref(gx0)), tol)]
+            for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(gp0)[0], jax.tree.leaves(gp1)):
+                rows.append((f"d{jax.tree_util.keystr(path)[-12:]}", err_of(b, ref(a)), tol))
+            return rows
+
+        R.run("moe", "MoEFFN kernel=triton", "T4096 D256 E8 k2 F512 block512", dtype, mode, layer)
+
+
 # --------------------------------------------------------------------------- sharded
 
 
@@ -512,6 +581,10 @@ def main(argv=None) -> int:
         run_interaction(R, I)
     if "sharded" in groups and not args.interpret:
         run_sharded(R, A, I)
+    if "moe" in groups:
+        from tests.kernels import test_grouped_matmul_kernel as G
+
+        run_moe(R, G)
     if "torch" in groups and not args.interpret:
         if have_torch:
             run_attention(R, A, modes=("torch",), cases=ATTN_CASES[:3])

@@ -2,11 +2,13 @@
 """MoE FFN routings side by side: forward and forward+backward time of the same routing.
 
     python bench/moe.py                                  # the base preset's MoE layer
-    python bench/moe.py --tokens 32768,16384 --routings blocked,dropless,dense --json rows.jsonl
+    python bench/moe.py --tokens 32768,16384 --routings blocked,blocked-triton,dropless,dense --json rows.jsonl
 
 Every row runs one routing of ``MoEFFN`` (``blocked``: expert groups padded to blocks and
-one batched matmul; ``dropless``: ``jax.lax.ragged_dot``; ``dense``: every expert on every
-token) on the same tokens and weights, after checking that its output equals the
+one batched matmul, each block's expert weights copied by a one-hot product;
+``blocked-triton``: the same blocks through the Triton grouped matmul, ``moe.kernel=triton``,
+skipped without a CUDA GPU and jax-triton; ``dropless``: ``jax.lax.ragged_dot``; ``dense``:
+every expert on every token) on the same tokens and weights, after checking that its output equals the
 ``blocked`` one. TFLOP/s counts the *model* FLOPs (the k chosen experts per token, 2 matmuls
 of 2·D·F each; the backward twice the forward), so a routing that computes more than that
 shows up as a lower rate. ``xla dots`` is the FLOP count of the compiled program's matrix
@@ -35,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--expert-dim", type=int, default=1024)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--routings", default="blocked,dropless,dense")
+    p.add_argument("--routings", default="blocked,blocked-triton,dropless,dense")
     p.add_argument("--block-sizes", default="512", help="blocked: rows per block, comma-separated")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=20)
@@ -82,13 +84,18 @@ def main(argv=None) -> int:
     if "dropless" in routings and not HAS_RAGGED_DOT:
         print("this JAX has no jax.lax.ragged_dot: the dropless rows are skipped")
         routings.remove("dropless")
+    from genrec_jax.ops.hstu_attention import triton_available
+
+    if "blocked-triton" in routings and not triton_available():
+        print("no CUDA GPU with jax-triton: the blocked-triton rows are skipped")
+        routings.remove("blocked-triton")
     cfg = MoEConfig(num_experts=args.experts, top_k=args.top_k, expert_dim=args.expert_dim)
     dev = jax.devices()[0]
     print(f"# moe: {dev.device_kind}, jax {jax.__version__}, D={args.dim} F={args.expert_dim} "
           f"E={args.experts} k={args.top_k} {dtype.name}")
     variants = []
     for r in routings:
-        sizes = [int(b) for b in args.block_sizes.split(",")] if r == "blocked" else [cfg.block_size]
+        sizes = [int(b) for b in args.block_sizes.split(",")] if r.startswith("blocked") else [cfg.block_size]
         variants += [(r, b) for b in sizes]
     rows = []
     for n_tok in [int(t) for t in args.tokens.split(",")]:
@@ -96,14 +103,16 @@ def main(argv=None) -> int:
         model_fwd = 2.0 * n_tok * args.top_k * 2 * args.dim * args.expert_dim
         ref = None
         for routing, block in variants:
-            moe = MoEFFN(args.dim, dataclasses.replace(cfg, block_size=block), rngs=nnx.Rngs(0), dtype=dtype)
+            kernel = "triton" if routing == "blocked-triton" else "xla"
+            moe = MoEFFN(args.dim, dataclasses.replace(cfg, block_size=block, kernel=kernel), rngs=nnx.Rngs(0),
+                         dtype=dtype)
             gd, params = nnx.split(moe)
 
-            def fwd(p, x, routing=routing):
+            def fwd(p, x, routing=routing.removesuffix("-triton")):
                 return nnx.merge(gd, p)(x, routing=routing)[0]
 
-            def loss(p, x, routing=routing):
-                return jnp.sum(jnp.square(fwd(p, x, routing).astype(jnp.float32)))
+            def loss(p, x):
+                return jnp.sum(jnp.square(fwd(p, x).astype(jnp.float32)))
 
             f = jax.jit(fwd)
             g = jax.jit(jax.grad(loss, argnums=(0, 1)))
@@ -117,7 +126,7 @@ def main(argv=None) -> int:
             t_b = _time(g, params, x, iters=args.iters)
             dots_f = _dot_flops(f.lower(params, x).compile())
             row = {"bench": "moe", "device": dev.device_kind, "tokens": n_tok, "routing": routing,
-                   "block_size": block if routing == "blocked" else None, "dtype": dtype.name,
+                   "block_size": block if routing.startswith("blocked") else None, "dtype": dtype.name,
                    "fwd_ms": 1e3 * t_f, "fwd_bwd_ms": 1e3 * t_b,
                    "fwd_tflops": model_fwd / t_f / 1e12, "fwd_bwd_tflops": 3 * model_fwd / t_b / 1e12,
                    "xla_flops_over_model": None if dots_f is None else dots_f / model_fwd,

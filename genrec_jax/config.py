@@ -80,6 +80,12 @@ class MoEConfig:
     # backward pass instead of keeping them: blocks x D x F x 2 values less per layer, one
     # more forward of the experts. For many experts over few tokens per device (xl).
     remat_blocks: bool = False
+    # blocked: the grouped matmuls of the expert blocks. "xla" copies each block's expert
+    # weights (one-hot product) and runs a batched matmul; "triton" reads them in place
+    # (kernels/grouped_matmul.py; CUDA + jax-triton); "auto" = triton where it can run.
+    # Under a mesh that splits experts or hidden units (expert / tensor > 1) without the
+    # all-to-all dispatch the routing is global, and XLA's formulation is used.
+    kernel: Literal["auto", "xla", "triton"] = "xla"
     # With the `expert` mesh axis > 1 (and `tensor` 1): "xla" leaves the token movement to
     # XLA's partitioner (the global routing, placed by XLA); "all_to_all" routes each
     # device's own tokens and sends every token copy to the device holding its expert and

@@ -32,6 +32,8 @@ copies, P_e: mean router probability) and the router z-loss mean(logsumexp(logit
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -97,13 +99,13 @@ class MoEFFN(nnx.Module):
         gates = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
         return logits, probs, top_e, gates
 
-    def _experts_dense(self, x, top_e, gates, w1, b1, w2, b2):
+    def _experts_dense(self, x, top_e, gates, w1, b1, w2, b2, kernel_ok=True):
         h = jnp.einsum("td,edf->tef", x, w1) + b1
         y = jnp.einsum("tef,efd->ted", jax.nn.gelu(h), w2) + b2
         combine = jnp.sum(jax.nn.one_hot(top_e, w1.shape[0], dtype=gates.dtype) * gates[..., None], axis=1)
         return jnp.einsum("ted,te->td", y, combine.astype(y.dtype))
 
-    def _experts_dropless(self, x, top_e, gates, w1, b1, w2, b2):
+    def _experts_dropless(self, x, top_e, gates, w1, b1, w2, b2, kernel_ok=True):
         t, k = top_e.shape
         e = w1.shape[0]
         flat_e = top_e.reshape(-1)  # [T*k], copy c of token c // k
@@ -121,7 +123,9 @@ class MoEFFN(nnx.Module):
         inverse = jnp.argsort(order)  # copy -> its row in the sorted order
         return y.at[inverse].get(unique_indices=True).reshape(t, k, -1).sum(axis=1)
 
-    def _experts_blocked(self, x, top_e, gates, w1, b1, w2, b2):
+    def _experts_blocked(self, x, top_e, gates, w1, b1, w2, b2, kernel_ok=True):
+        """``kernel_ok``: the arrays are this device's own (no mesh, or inside a per-shard
+        map), so the Triton grouped matmul may run (``moe.kernel``)."""
         t, k = top_e.shape
         if not isinstance(t, int):  # symbolic batch (shape-polymorphic export): no static block count
             return self._experts_dense(x, top_e, gates, w1, b1, w2, b2)
@@ -146,11 +150,15 @@ class MoEFFN(nnx.Module):
         block_e = jnp.minimum(jnp.searchsorted(pend, jnp.arange(tiles) * m, side="right"), e - 1)
         oh = jax.nn.one_hot(block_e, e, dtype=self.dtype)  # [tiles, E]
 
+        from genrec_jax.ops.grouped_matmul import grouped_matmul
+
+        backend = self.cfg.kernel if kernel_ok else "xla"
+
         def blocks(xp, oh, w1, b1, w2, b2):
-            w1 = jnp.einsum("te,edf->tdf", oh, w1)  # each block's expert weights
-            w2 = jnp.einsum("te,efd->tfd", oh, w2)
-            h = jnp.einsum("tmd,tdf->tmf", xp, w1) + (oh @ b1)[:, None, :]
-            return jnp.einsum("tmf,tfd->tmd", jax.nn.gelu(h), w2) + (oh @ b2)[:, None, :]
+            # x[t] @ w[expert of block t]: the reference copies each block's expert weights
+            # (one-hot product); the Triton kernels read them in place (moe.kernel)
+            h = grouped_matmul(xp, w1, block_e, backend=backend) + (oh @ b1)[:, None, :]
+            return grouped_matmul(jax.nn.gelu(h), w2, block_e, backend=backend) + (oh @ b2)[:, None, :]
 
         if self.cfg.remat_blocks:  # keep only the inputs for the backward pass, not the copies
             blocks = jax.checkpoint(blocks)
@@ -237,7 +245,10 @@ class MoEFFN(nnx.Module):
             out = self._expert_parallel(fn, x, w)
             if out is not None:
                 return out
-        if mesh.empty or mesh.shape.get("expert", 1) > 1 or mesh.shape.get("tensor", 1) > 1:
+        if mesh.empty:
+            return local(x, **w)
+        if mesh.shape.get("expert", 1) > 1 or mesh.shape.get("tensor", 1) > 1:  # global, placed by XLA
+            fn = functools.partial(fn, kernel_ok=False)
             return local(x, **w)
         from genrec_jax.sharding import per_shard
 
