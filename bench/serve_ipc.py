@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""The engine process of the multi-process server, driven through its front-end socket.
+
+    python bench/serve_ipc.py --checkpoint RUN [--seconds 5] [--frontends 4] [--concurrency 64]
+        [--real] [--history-len 32] [--json rows.jsonl]
+
+``serve.py --workers N`` runs N HTTP front ends and one engine process; the front ends
+forward each validated request over a Unix socket (``genrec_jax.serve.ipc``), and the
+engine process decodes it, turns it into a job, batches it and answers. This script starts
+that engine side alone (``ipc.EngineServer`` over ``app.Service``, as the server builds it)
+in a child process and drives it from this one with ``--frontends`` socket clients, each
+keeping ``--concurrency`` retrieval requests (``--history-len`` events, k=10) in flight,
+closed loop, for ``--seconds``. No HTTP is involved: the result is the most the engine
+process can answer per second through the socket, and its CPU time per request.
+
+By default the model's batch step is replaced by a stub that returns one cached answer
+per job after ``--stub-ms`` (standing in for the device), so what is measured is the
+engine process's own Python work: frame decoding, job building, batching, the hand-off
+between the batcher thread and the event loop, answers. ``--real`` keeps the model.
+
+One row per run: answered requests/s, client-side p50 / p99 ms, the engine process's CPU
+seconds (user + system, every thread) per answered request, and the mean batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.common import write_rows  # noqa: E402
+
+OVERRIDES = ["serve.batch_buckets=[64]", "serve.seq_buckets=[64]", "serve.max_loop_lag_ms=0", "serve.queue_size=512"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run directory (python train.py --out DIR)")
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--frontends", type=int, default=4, help="socket connections, as N front ends open")
+    p.add_argument("--concurrency", type=int, default=64, help="requests in flight per connection")
+    p.add_argument("--history-len", type=int, default=32)
+    p.add_argument("--real", action="store_true", help="run the model instead of the stub")
+    p.add_argument("--stub-ms", type=float, default=0.5, help="the stub's time per batch")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="serve.* override")
+    p.add_argument("--json", default=None)
+    p.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # child: the engine side on this socket
+    return p.parse_args(argv)
+
+
+def history(catalog_ids: list[str], n: int) -> list[dict]:
+    return [{"item_id": catalog_ids[1 + i % (len(catalog_ids) - 1)], "action": None, "timestamp": None}
+            for i in range(n)]
+
+
+def serve(args) -> None:
+    """Child process: build the engine, start the socket server, print READY, and on
+    stdin's end print the CPU seconds used since READY."""
+    from genrec_jax.serve.app import Service
+    from genrec_jax.serve.cli import serve_config
+    from genrec_jax.serve.engine import Engine
+    from genrec_jax.serve.ipc import EngineServer, frame_limit
+    from genrec_jax.serve.metrics import EngineMetrics
+
+    run = Path(args.checkpoint)
+    ov = OVERRIDES + args.overrides
+    cfg = serve_config(run, ov)
+    engine = Engine.from_checkpoint(run, ov)
+    engine.warmup()
+    if not args.real:
+        ids = json.loads((run / "items.json").read_text())
+        answer = engine.process([engine.recommend_job(history(ids, args.history_len), k=10)])[0]
+
+        def stub(jobs):
+            time.sleep(args.stub_ms / 1e3)
+            return [answer] * len(jobs)
+
+        engine.process = stub
+    svc = Service(cfg, lambda: engine, EngineMetrics())
+    svc.start()
+
+    async def main():
+        server = await EngineServer(svc, args.serve, frame_limit(cfg)).start()
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        print("READY", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        print(json.dumps({"cpu_s": cpu, "batches": svc.batcher.batches}), flush=True)
+        await server.close()
+        svc.stop()
+
+    asyncio.run(main())
+
+
+async def drive(args, sock: str) -> dict:
+    from genrec_jax.serve.ipc import EngineClient
+
+    ids = json.loads((Path(args.checkpoint) / "items.json").read_text())
+    req = {"history": history(ids, args.history_len), "k": 10, "mode": "retrieval", "context": None,
+           "exclude_history": False, "exclude_items": [], "user_id": None, "timeout_ms": 5000}
+    clients = [EngineClient(sock, 1 << 22) for _ in range(args.frontends)]
+    lat: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + args.seconds
+
+    async def worker(c):
+        nonlocal errors
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            try:
+                await c.call("recommend", req, 5.0)
+            except Exception:  # noqa: BLE001 -- counted; the row says how many
+                errors += 1
+                continue
+            lat.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[worker(c) for c in clients for _ in range(args.concurrency)])
+    elapsed = time.perf_counter() - t0
+    for c in clients:
+        await c.close()
+    lat.sort()
+    q = lambda f: 1e3 * lat[min(len(lat) - 1, int(f * len(lat)))] if lat else float("nan")  # noqa: E731
+    return {"answered": len(lat), "errors": errors, "seconds": elapsed, "rate": len(lat) / elapsed,
+            "p50_ms": q(0.5), "p99_ms": q(0.99)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.serve:
+        serve(args)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="genrec-ipc-") as tmp:
+        sock = os.path.join(tmp, "engine.sock")
+        child_args = ["--checkpoint", args.checkpoint, "--history-len", str(args.history_len),
+                      "--stub-ms", str(args.stub_ms), *(["--real"] if args.real else []),
+                      *[x for o in args.overrides for x in ("--set", o)]]
+        child = subprocess.Popen([sys.executable, __file__, *child_args, "--serve", sock], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        line = child.stdout.readline()
+        if line.strip() != "READY":
+            child.kill()
+            print(f"serve_ipc: the engine side did not start (said {line!r}); run with a trained checkpoint "
+                  "(python train.py --out DIR)", file=sys.stderr)
+            return 1
+        res = asyncio.run(drive(args, sock))
+        out, _ = child.communicate("", timeout=60)
+        usage = json.loads(out.strip().splitlines()[-1])
+    row = {"bench": "serve_ipc", "model": "real" if args.real else f"stub {args.stub_ms:g} ms",
+           "frontends": args.frontends, "concurrency": args.concurrency, "history_len": args.history_len, **res,
+           "engine_cpu_us_per_request": 1e6 * usage["cpu_s"] / max(res["answered"], 1),
+           "mean_batch": res["answered"] / max(usage["batches"], 1)}
+    print(f"{'model':>12} {'conns':>5} {'in flight':>9} {'answered/s':>11} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'engine CPU us/req':>17} {'batch':>6} {'errors':>6}")
+    print(f"{row['model']:>12} {row['frontends']:>5} {row['frontends'] * row['concurrency']:>9} {row['rate']:>11.0f} "
+          f"{row['p50_ms']:>7.1f} {row['p99_ms']:>7.1f} {row['engine_cpu_us_per_request']:>17.1f} "
+          f"{row['mean_batch']:>6.1f} {row['errors']:>6}")
+    write_rows(args.json, [row])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
