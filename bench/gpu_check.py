@@ -437,7 +437,9 @@ def run_moe(R, G):
                     y, aux = nnx.merge(gd, p)(x)
                     return jnp.sum(jnp.tanh(y.astype(jnp.float32))) + aux["moe_balance_loss"], y
 
-                (_, y), (gp, gx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+                # float32: XLA's own products at full precision (its GPU default is TF32)
+                with jax.default_matmul_precision("highest"):
+                    (_, y), (gp, gx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
                 outs[kern] = (y, gx, gp)
             tol = 1e-5 if dtype == "float32" else 2e-2
             (y0, gx0, gp0), (y1, gx1, gp1) = outs["xla"], outs["triton"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import pyplot, write_rows  # noqa: E402
+from bench.common import print_trace_summary, pyplot, summarize_trace, write_rows  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -43,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG: time against tokens")
+    p.add_argument("--profile", default=None,
+                   help="DIR: a jax.profiler trace of 5 forward+backward calls per row, and where their device "
+                        "time goes (kernel classes, top kernels; with XLA_FLAGS=--xla_gpu_enable_command_buffer= "
+                        "each fusion is its own row)")
     return p.parse_args(argv)
 
 
@@ -125,6 +129,15 @@ def main(argv=None) -> int:
             t_f = _time(f, params, x, iters=args.iters)
             t_b = _time(g, params, x, iters=args.iters)
             dots_f = _dot_flops(f.lower(params, x).compile())
+            if args.profile:
+                prof = str(Path(args.profile) / f"{routing}-{block}-{n_tok}")
+                jax.profiler.start_trace(prof, create_perfetto_trace=True)
+                for _ in range(5):
+                    jax.block_until_ready(g(params, x))
+                jax.profiler.stop_trace()
+                summary = summarize_trace(prof, 5, top=30)
+                print_trace_summary(summary, f"{routing} (block {block}), {n_tok} tokens, forward+backward")
+                rows += [{"bench": "moe_profile", "routing": routing, "tokens": n_tok, **r} for r in summary]
             row = {"bench": "moe", "device": dev.device_kind, "tokens": n_tok, "routing": routing,
                    "block_size": block if routing.startswith("blocked") else None, "dtype": dtype.name,
                    "fwd_ms": 1e3 * t_f, "fwd_bwd_ms": 1e3 * t_b,
@@ -132,6 +145,7 @@ def main(argv=None) -> int:
                    "xla_flops_over_model": None if dots_f is None else dots_f / model_fwd,
                    "max_rel_diff_vs_first": err}
             rows.append(row)
+    rows, prof_rows = [r for r in rows if r["bench"] == "moe"], [r for r in rows if r["bench"] != "moe"]
     base = {(r["tokens"]): r for r in rows if r["routing"] == "dropless"}
     hdr = (f"{'tokens':>7} {'routing':>9} {'block':>6} {'fwd ms':>8} {'TF/s':>6} {'f+b ms':>8} {'TF/s':>6} "
            f"{'x dropless f+b':>14} {'xla/model':>9} {'diff':>8}")
@@ -144,7 +158,7 @@ def main(argv=None) -> int:
         print(f"{r['tokens']:>7} {r['routing']:>9} {r['block_size'] or '-':>6} {r['fwd_ms']:>8.3f} "
               f"{r['fwd_tflops']:>6.1f} {r['fwd_bwd_ms']:>8.3f} {r['fwd_bwd_tflops']:>6.1f} {sp:>14} {xm:>9} "
               f"{r['max_rel_diff_vs_first']:>8.1e}")
-    write_rows(args.json, rows)
+    write_rows(args.json, rows + prof_rows)
     if args.plot:
         plt = pyplot(args.plot)
         if plt is not None:

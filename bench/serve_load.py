@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--rates", default="50,100,200,400,800", help="offered requests/s, one phase each")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per rate")
     p.add_argument("--max-requests", type=int, default=5000, help="cap per rate")
+    p.add_argument("--warmup", type=float, default=2.0,
+                   help="seconds of load at --warmup-rate before the first phase, not reported (0: none)")
+    p.add_argument("--warmup-rate", type=float, default=200.0)
     p.add_argument("--endpoint", choices=["recommend", "rank"], default="recommend")
     p.add_argument("--mode", choices=["retrieval", "generative"], default="retrieval")
     p.add_argument("--history-len", type=int, default=32)
@@ -381,6 +384,12 @@ async def run_all(url: str, args) -> list[dict]:
         work = Workload([it["item_id"] for it in page["items"]], args)
         for _ in range(20):  # warm a connection and the server
             await client.post(f"/v1/{args.endpoint}", json.dumps(work.body()).encode(), args.timeout)
+        if args.warmup > 0:  # every front end and generator connection sees traffic before the first phase
+            warm = await run_rate(client, args.warmup_rate, argparse.Namespace(**{**vars(args), "duration": args.warmup}),
+                                  work)
+            print(f"# warm-up, not reported: {args.warmup:g}s at {args.warmup_rate:g}/s, {warm['achieved_rps']:.0f}/s "
+                  f"answered, p99 {warm['p99_ms'] or float('nan'):.1f} ms")
+            await asyncio.sleep(1.0)
         rows = []
         for rate in [float(r) for r in args.rates.split(",")]:
             row = await run_rate(client, rate, args, work)
