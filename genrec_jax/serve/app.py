@@ -112,7 +112,7 @@ class Service(LoopWatch):
                 # Late-bound, so a replaced engine.process (tests, instrumentation) is what runs.
                 self.batcher = Batcher(lambda jobs: engine.process(jobs), max_batch=engine.max_batch,
                                        max_wait_s=self.cfg.max_wait_ms / 1e3, queue_size=self.cfg.queue_size,
-                                       on_batch=self.metrics.on_batch, on_start=engine.warm_thread).start()
+                                       on_batch=self.metrics.on_batch).start()
 
     def _build(self) -> None:
         try:
@@ -200,9 +200,8 @@ class Service(LoopWatch):
                 "total": len(cat), "offset": a["offset"], "limit": a["limit"]}
 
     async def readiness(self) -> tuple[int, dict]:
-        """(HTTP status, body) of GET /readyz: 200 once the batcher's thread has run every
-        executable once (requests before that are accepted and wait in the queue)."""
-        if not (self.ready and self.batcher.warm):
+        """(HTTP status, body) of GET /readyz."""
+        if not self.ready:
             body = {"status": "failed" if self.error else "loading"}
             if self.error:
                 body["error"] = self.error

@@ -91,22 +91,16 @@ class Batcher:
         max_wait_s: longest a job waits for companions (from its arrival).
         queue_size: most jobs waiting; more are refused.
         on_batch: ``(jobs in batch, seconds the oldest waited)`` after each batch (metrics).
-        on_start: run once in the worker thread before its first batch (``warm`` turns
-            true after it): e.g. the engine's executables run once from the thread that
-            will run them, so no request pays a per-thread first use.
     """
 
     def __init__(self, run: Callable[[list[Any]], Sequence[Any]], *, max_batch: int, max_wait_s: float,
-                 queue_size: int, on_batch: Callable[[int, float], None] | None = None,
-                 on_start: Callable[[], None] | None = None):
+                 queue_size: int, on_batch: Callable[[int, float], None] | None = None):
         self._run = run
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
         self._queue: queue.Queue[Ticket] = queue.Queue(maxsize=queue_size)
         self._on_batch = on_batch
-        self._on_start = on_start
-        self._warm = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.batches = 0
@@ -137,11 +131,6 @@ class Batcher:
     @property
     def stopped(self) -> bool:
         return self._stop.is_set()
-
-    @property
-    def warm(self) -> bool:
-        """The worker ran ``on_start`` (or had none)."""
-        return self._warm.is_set()
 
     @property
     def depth(self) -> int:
@@ -183,12 +172,6 @@ class Batcher:
         return batch
 
     def _loop(self) -> None:
-        if self._on_start is not None:
-            try:
-                self._on_start()
-            except Exception:  # noqa: BLE001 -- a failed warm-up costs latency, not answers
-                log.exception("the batcher's start-up hook failed")
-        self._warm.set()
         while not self._stop.is_set():
             batch = self._collect()
             if batch is None:

@@ -318,13 +318,6 @@ class Engine:
         self.prefix.hits, self.prefix.misses, self.prefix.evictions = counts
         self._run_every_executable()
 
-    def warm_thread(self) -> None:
-        """Run every executable once more, from the calling thread (the batcher's, before its
-        first batch): the warm-up ran them from the thread that built the engine."""
-        if self.ready:
-            with self._lock:
-                self._run_every_executable()
-
     def _run_every_executable(self) -> None:
         """Execute each compiled step once on zero inputs, so that no request pays an
         executable's first run (on a GPU: loading its kernels, first allocations); the dry

@@ -258,27 +258,6 @@ def test_readyz_waits_for_warmup(engine, serve_cfg):
         wait_ready(c)
 
 
-def test_readyz_waits_for_the_batcher_threads_warm_run(engine, serve_cfg, monkeypatch):
-    """/readyz turns 200 only after the batcher's thread ran every executable once; a request
-    sent before that waits in the queue and is answered."""
-    release = threading.Event()
-    real = engine.warm_thread
-    monkeypatch.setattr(engine, "warm_thread", lambda: (release.wait(10), real()))
-    with TestClient(create_app(serve_cfg, engine)) as c:
-        for _ in range(100):  # the engine is built at once; the batcher then waits on the gate
-            if c.get("/readyz").json().get("status") != "loading" or c.app.state.service.batcher is not None:
-                break
-            time.sleep(0.02)
-        assert c.get("/readyz").status_code == 503
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            early = pool.submit(c.post, "/v1/recommend", json={"history": H, "k": 3})
-            time.sleep(0.1)
-            assert not early.done()
-            release.set()
-            assert early.result(30).status_code == 200
-        wait_ready(c)
-
-
 def test_failed_load_is_reported(serve_cfg):
     def factory():
         raise FileNotFoundError("no checkpoint in /nowhere")

@@ -176,31 +176,3 @@ def test_loop_futures_cancelled_or_late_are_not_run():
         assert ran == [0, 3]
 
     asyncio.run(main())
-
-
-def test_on_start_runs_in_the_worker_before_the_first_batch():
-    """The start-up hook runs in the worker thread, first; jobs submitted meanwhile wait and
-    are answered after it; ``warm`` turns true when it is done."""
-    gate = threading.Event()
-    seen = []
-
-    def on_start():
-        seen.append(("start", threading.current_thread().name))
-        gate.wait(5)
-
-    def run(payloads):
-        seen.append(("run", threading.current_thread().name))
-        return payloads
-
-    b = Batcher(run, max_batch=4, max_wait_s=0.002, queue_size=8, on_start=on_start).start()
-    try:
-        f = b.submit(7, 5.0)
-        time.sleep(0.05)
-        assert not b.warm and not f.done()
-        gate.set()
-        assert f.result(5) == 7
-        assert b.warm
-    finally:
-        gate.set()
-        b.stop()
-    assert [s for s, _ in seen] == ["start", "run"] and seen[0][1] == seen[1][1] == "genrec-batcher"
