@@ -308,8 +308,8 @@ class ServeConfig:
     # 503 ("busy") in the app before their body is read, keeping the connection open.
     # uvicorn's own limit (serve.py --limit-concurrency) refuses by closing connections, and
     # those refusals were slow under overload (README, Known limits). 0: no cap in the
-    # single-process server; with HTTP front ends (http_workers >= 2) each gets the largest
-    # batch divided among them, at least 8 (serve/frontend.py: inflight_cap).
+    # single-process server; with HTTP front ends (http_workers >= 2) each gets two of the
+    # largest batches divided among them, at least 16 (serve/frontend.py: inflight_cap).
     max_inflight: int = 0
     # Python's GIL hand-over interval while the server runs (sys.setswitchinterval; 0 keeps
     # Python's 5 ms). The batcher thread's host work and the event loop share the GIL: each

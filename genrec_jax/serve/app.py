@@ -23,6 +23,7 @@ the front-end processes start without it.
 
 import asyncio
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -52,6 +53,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (413, "Body too large"), (415, "Body is not application/json"), (422, "Invalid field (the message names it)"),
         (503, "Not ready, or the queue is full (retry)"), (504, "Deadline exceeded")]
 }
+
+
+def freeze_heap() -> None:
+    """Collect once, then move every object alive now (the model, its executables, the
+    imported modules) out of the garbage collector's reach (``gc.freeze``): a full
+    collection under load otherwise walks all of them with the GIL held, stalling both the
+    event loop and the batcher."""
+    gc.collect()
+    gc.freeze()
 
 
 class LoopWatch:
@@ -120,6 +130,7 @@ class Service(LoopWatch):
             if not engine.ready:
                 engine.warmup()
             engine.on_call = self.metrics.on_step
+            freeze_heap()
             self.engine = engine
             log.info("ready: %s", engine.describe())
         except Exception as e:  # noqa: BLE001 -- reported by /readyz, logged in full here

@@ -31,7 +31,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, generate_latest
 
 from genrec_jax.config import ServeConfig
-from genrec_jax.serve.app import LoopWatch, build_app
+from genrec_jax.serve.app import LoopWatch, build_app, freeze_heap
 from genrec_jax.serve.errors import ServeError
 from genrec_jax.serve.ipc import EngineClient, frame_limit
 from genrec_jax.serve.metrics import RequestMetrics
@@ -47,15 +47,16 @@ ADD_ITEMS_TIMEOUT_S = 600.0  # a registration recompiles the generate step
 
 def inflight_cap(cfg: ServeConfig) -> int:
     """Model requests one front end has forwarded and not yet answered; past it, 503 ("busy")
-    before the body is read. ``serve.max_inflight``, else the largest batch shared among the
-    front ends (at least 8): all of them together keep about one full batch at the engine,
-    so an overloaded server refuses in the front ends, at once, instead of queueing behind
-    the batch that is running. On the H100 machine, four front ends capped at 16 (this rule
-    with batch 64) kept the admitted p99 at 48-55 ms from 4,000 to 8,000 requests/s
-    offered, against 80-303 ms capped at 32 in the same call (README, Results)."""
+    before the body is read. ``serve.max_inflight``, else two of the largest batches shared
+    among the front ends (at least 16): all of them together keep about one batch running
+    and one forming at the engine, so an overloaded server refuses in the front ends, at
+    once, instead of queueing behind batches. On the H100 machine four front ends capped at
+    32 (this rule with batch 64) kept the admitted p99 at 68-94 ms from 4,000 to 8,000
+    requests/s offered; capped at 16, at 48-62 ms, but with more refusals below saturation
+    (README, Results): set ``serve.max_inflight`` for that trade."""
     if cfg.max_inflight:
         return cfg.max_inflight
-    return max(8, -(-max(cfg.batch_buckets) // max(cfg.http_workers, 1)))
+    return max(16, -(-2 * max(cfg.batch_buckets) // max(cfg.http_workers, 1)))
 
 
 class RemoteEngine(LoopWatch):
@@ -118,6 +119,7 @@ def create_frontend_app(cfg: ServeConfig, client: EngineClient) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         watcher = asyncio.get_running_loop().create_task(remote.watch_loop())
+        freeze_heap()  # the app, its schemas and imports: out of the collector's full passes
         yield
         watcher.cancel()
         await client.close()

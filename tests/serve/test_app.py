@@ -319,3 +319,16 @@ def test_overloaded_loop_refuses_model_requests_before_parsing(engine, serve_cfg
         assert 'genrec_errors_total{error_class="overloaded"} 1.0' in metrics
         svc.loop_lag_s = 0.0
         assert c.post("/v1/recommend", json={"history": H, "k": 3}).status_code == 200
+
+
+def test_engine_start_freezes_the_heap(engine, serve_cfg):
+    """Once the engine is built, the objects alive then are moved out of the garbage
+    collector's full passes (gc.freeze)."""
+    import gc
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    with TestClient(create_app(serve_cfg, engine)) as c:
+        wait_ready(c)
+        assert gc.get_freeze_count() > 0
+    gc.unfreeze()

@@ -317,13 +317,13 @@ def test_serve_py_workers_shuts_down_cleanly(tiny_run, tmp_path):
     assert "SIGTERM" in text and "stopped" in text and "Traceback" not in text
 
 
-def test_default_inflight_cap_shares_one_batch_among_the_front_ends():
+def test_default_inflight_cap_shares_two_batches_among_the_front_ends():
     from genrec_jax.config import ServeConfig
     from genrec_jax.serve.frontend import inflight_cap
 
     cap = lambda **kw: inflight_cap(ServeConfig(**{"batch_buckets": [1, 16, 64], **kw}))  # noqa: E731
-    assert cap(http_workers=4) == 16 and cap(http_workers=8) == 8 and cap(http_workers=2) == 32
-    assert cap(http_workers=3) == 22  # rounded up: the front ends together hold at least one batch
-    assert cap(http_workers=16) == 8  # floor
-    assert cap(http_workers=0) == 64
+    assert cap(http_workers=4) == 32 and cap(http_workers=2) == 64 and cap(http_workers=8) == 16
+    assert cap(http_workers=3) == 43  # rounded up: together at least two batches
+    assert cap(http_workers=16) == 16  # floor
+    assert cap(http_workers=0) == 128
     assert cap(http_workers=4, max_inflight=5) == 5  # the setting wins
