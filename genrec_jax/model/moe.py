@@ -40,6 +40,7 @@ from flax import nnx
 
 from genrec_jax.config import MoEConfig
 from genrec_jax.model.layers import dropout, param
+from genrec_jax.ops.grouped_matmul import grouped_matmul
 
 HAS_RAGGED_DOT = hasattr(jax.lax, "ragged_dot")
 _ROUTINGS = {"blocked": "_experts_blocked", "dropless": "_experts_dropless", "dense": "_experts_dense"}
@@ -149,8 +150,6 @@ class MoEFFN(nnx.Module):
         xp = gather_rows(jnp.repeat(x, k, axis=0), src, row).reshape(tiles, m, d)
         block_e = jnp.minimum(jnp.searchsorted(pend, jnp.arange(tiles) * m, side="right"), e - 1)
         oh = jax.nn.one_hot(block_e, e, dtype=self.dtype)  # [tiles, E]
-
-        from genrec_jax.ops.grouped_matmul import grouped_matmul
 
         backend = self.cfg.kernel if kernel_ok else "xla"
 
