@@ -138,7 +138,6 @@ class _Static:
 def _matmul(st: _Static, x, w, te, *, transpose: bool):
     """x [T, M, K'] times w[e_t] ([E, K', N']) or its transpose (w [E, N', K'])."""
     t, m, kd = x.shape
-    e = w.shape[0]
     if transpose:  # w [E, N, K]: element (e, k, n) of w[e]^T at e*N*K + n*K + k
         n = w.shape[1]
         strides = dict(S_E=n * kd, S_K=1, S_N=kd)
@@ -153,7 +152,6 @@ def _matmul(st: _Static, x, w, te, *, transpose: bool):
         name="grouped_matmul_t" if transpose else "grouped_matmul", config=st.launch_config("fwd", m), mode=st.mode,
         M=m, K=kd, N=n, PRECISION=st.precision, **strides,
     )
-    del e
     return out
 
 

@@ -58,11 +58,10 @@ def gather_rows(x: jax.Array, idx: jax.Array, inv: jax.Array) -> jax.Array:
 
 
 def _gather_rows_fwd(x, idx, inv):
-    return gather_rows(x, idx, inv), (idx, inv)
+    return gather_rows(x, idx, inv), inv
 
 
-def _gather_rows_bwd(res, g):
-    idx, inv = res
+def _gather_rows_bwd(inv, g):
     return g.at[inv].get(mode="fill", fill_value=0), None, None
 
 
