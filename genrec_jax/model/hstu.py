@@ -132,6 +132,30 @@ class HSTULayer(nnx.Module):
             return y, aux, LayerCache(k=k, v=v)
         return y, aux
 
+    def last_rows(self, x: jax.Array, ctx: SeqContext, rows: jax.Array, return_cache: bool = False):
+        """The full-sequence pass with one output row per sequence: keys and values for every
+        token (the cache needs them), but the attention, the gated output and the FFN only
+        for row ``rows[b]`` of sequence b. Equal to ``self(x, ctx)[0]`` at those rows (tested);
+        for a last layer whose other rows nobody reads (serving's user vector), that skips the
+        attention and FFN of all other tokens. No M-FALCON targets. Returns (y [B, 1, D],
+        cache or None)."""
+        if ctx.num_targets is not None:
+            raise ValueError("last_rows does not take M-FALCON targets")
+        u, v, q, k = self.project(x, ctx)
+        pos, tb = self._bias_tables(ctx)
+        qts = ctx.query_timestamps if ctx.query_timestamps is not None else ctx.timestamps
+        attn = hstu_attention_cached(
+            _pick(q, rows), k, v, rows[:, None], ctx.lengths,
+            max_len=self.max_len, norm=self.attn_norm, pos_bias=pos, time_bias=tb,
+            k_timestamps=ctx.timestamps if tb is not None else None,
+            q_timestamps=_pick(qts, rows) if tb is not None else None,
+            backend=self.backend,
+        )
+        ctx1 = SeqContext(lengths=jnp.minimum(ctx.lengths, 1),
+                          token_types=_pick(ctx.token_types, rows) if ctx.token_types is not None else None)
+        y, _ = self.finish(_pick(x, rows), attn, _pick(u, rows), ctx1, None)
+        return y, (LayerCache(k=k, v=v) if return_cache else None)
+
     # ----------------------------------------------------------------- incremental
 
     def extend(
@@ -180,6 +204,11 @@ class HSTULayer(nnx.Module):
         )
         y, _ = self.finish(x_new, attn, u, ctx_new, None)
         return y, cache
+
+
+def _pick(a: jax.Array, rows: jax.Array) -> jax.Array:
+    """a[b, rows[b]] for every b, keeping a length-1 sequence axis: [B, N, ...] -> [B, 1, ...]."""
+    return jnp.take_along_axis(a, rows.reshape((-1, 1) + (1,) * (a.ndim - 2)), axis=1)
 
 
 def _valid_mask(ctx: SeqContext, n: int) -> jax.Array:

@@ -230,6 +230,35 @@ class Recommender(nnx.Module):
             return states, aux_all, caches
         return states, aux_all
 
+    def encode_last(self, batch: Batch, return_cache: bool = False):
+        """The state of each row's last valid event [B, D] (``last_states(encode(batch)[0],
+        lengths)``, for rows with at least one event), computing the last layer's attention
+        and FFN for that token only: what serving needs for the user vector. With
+        ``return_cache`` also every layer's K/V, as ``encode`` returns them. SASRec and
+        batches with M-FALCON targets take the full pass."""
+        if self.cfg.arch != "hstu" or batch.get("num_targets") is not None:
+            out = self.encode(batch, return_cache=return_cache)
+            last = self.last_states(out[0], batch["lengths"])
+            return (last, out[2]) if return_cache else last
+        x, ctx, _ = self.embed(batch, None)
+        caches = []
+        for layer in self.layers[:-1]:
+            if return_cache:
+                x, _, cache = layer(x, ctx, None, return_cache=True)
+                caches.append(cache)
+            else:
+                x, _ = layer(x, ctx, None)
+        # Packed with the multi-scale prefix, the last event is still row lengths - 1.
+        rows = jnp.maximum(ctx.lengths - 1, 0)
+        y, cache = self.layers[-1].last_rows(x, ctx, rows, return_cache=return_cache)
+        types = None
+        if self.cfg.group_norm:
+            types = jnp.take_along_axis(ctx.token_types, rows[:, None], axis=1)
+        states = self.final_norm(y, types) if self.cfg.group_norm else self.final_norm(y)
+        if return_cache:
+            return states[:, 0], caches + [cache]
+        return states[:, 0]
+
     def extend(self, batch_new: Batch, caches: list[LayerCache], start: jax.Array,
                k_timestamps: jax.Array | None, candidates: bool = False):
         """Encode only new tokens against per-layer caches (HSTU only). See HSTULayer.extend."""

@@ -78,13 +78,21 @@ def _take_last(y: jax.Array, lengths: jax.Array) -> jax.Array:
 
 
 def prefill_step(model, pool: Pool, batch: dict, slots: jax.Array) -> Pool:
-    """Encode windows [B, S] and store their K/V, states and last state in ``slots``."""
-    states, _, caches = model.encode(batch, return_cache=True)
+    """Encode windows [B, S] and store their K/V, states and last state in ``slots``.
+
+    Without a decoder memory (``pool.states``) only the last token's state is kept, so the
+    last layer runs its attention and FFN for that token only (``encode_last``)."""
     s = batch["items"].shape[1]
+    st = None
+    if pool.states is not None:
+        states, _, caches = model.encode(batch, return_cache=True)
+        user = model.last_states(states, batch["lengths"])
+        st = pool.states.at[slots, :s].set(states.astype(pool.states.dtype))
+    else:
+        user, caches = model.encode_last(batch, return_cache=True)
     k = jnp.stack([c.k for c in caches]).astype(pool.k.dtype)  # [layers, B, S, H, Dqk]
     v = jnp.stack([c.v for c in caches]).astype(pool.v.dtype)
-    user = model.last_states(states, batch["lengths"]).astype(jnp.float32)
-    st = pool.states.at[slots, :s].set(states.astype(pool.states.dtype)) if pool.states is not None else None
+    user = user.astype(jnp.float32)
     return Pool(pool.k.at[:, slots, :s].set(k), pool.v.at[:, slots, :s].set(v), pool.user.at[slots].set(user), st)
 
 
@@ -127,9 +135,9 @@ def retrieve_step(model, item_table: jax.Array, num_items: jax.Array, user: jax.
 
 def recommend_step(model, item_table: jax.Array, num_items: jax.Array, batch: dict, exclude: jax.Array, *, k: int):
     """``prefill_step`` + ``retrieve_step`` for rows that nobody will extend: the windows
-    [B, S] are encoded and their last states scored at once, and the pool is not touched."""
-    states, _ = model.encode(batch)
-    user = model.last_states(states, batch["lengths"]).astype(jnp.float32)
+    [B, S] are encoded and their last states scored at once, and the pool is not touched.
+    The last layer runs for each row's last token only (``encode_last``)."""
+    user = model.encode_last(batch).astype(jnp.float32)
     return _top_items(model, item_table, num_items, user, exclude, k)
 
 

@@ -282,8 +282,7 @@ class StepBuilder:
 
             def fn(params, batch, hist):
                 model = nnx.merge(graphdef, params, rest)
-                states, _ = model.encode(batch)
-                u = model.user_vectors(model.last_states(states, batch["lengths"]))
+                u = model.user_vectors(model.encode_last(batch))
                 scores = model.score_items(u)
                 b, v = scores.shape
                 exclude = jnp.zeros((b, v), bool)

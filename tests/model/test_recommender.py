@@ -188,3 +188,59 @@ def test_item_vectors_are_rows_of_the_item_table(l2):
     got = np.asarray(model.item_vectors(ids))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+_LAST_CONFIGS = {
+    "plain": (),
+    "moe-gln": ("model.ffn=moe", "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_dim=24",
+                "model.group_norm=true"),
+    "dense-ffn-causal-count": ("model.ffn=dense", "model.ffn_dim=48", "model.attn_norm=causal_count"),
+    "multiscale": ("model.multiscale.enabled=true", "model.multiscale.short_len=8",
+                   "model.multiscale.long_window=2", "model.multiscale.max_long_tokens=3",
+                   "model.multiscale.user_profile_dim=4", "model.group_norm=true"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def last_state_fns(name: str):
+    model, f = encoder("hstu", _LAST_CONFIGS[name])
+    gd, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def full(batch):
+        m = nnx.merge(gd, params, rest)
+        states, _, caches = m.encode(batch, return_cache=True)
+        return m.last_states(states, batch["lengths"]), caches
+
+    @jax.jit
+    def last(batch):
+        return nnx.merge(gd, params, rest).encode_last(batch, return_cache=True)
+
+    return full, last
+
+
+@pytest.mark.parametrize("name", sorted(_LAST_CONFIGS))
+@given(seed=st.integers(0, 10_000))
+@settings(max_examples=4, deadline=None)
+def test_encode_last_equals_last_state_of_full_pass(name, seed):
+    """Serving's user vector: the last layer run for the last event only equals the full
+    pass's last state, and every layer's K/V is the full pass's."""
+    rng = np.random.default_rng(seed)
+    full, last = last_state_fns(name)
+    b = random_batch(rng, 4, 12, lengths=[12, *rng.integers(1, 13, 3)])
+    if name == "multiscale":
+        b["long_items"] = rng.integers(0, NUM_ITEMS + 1, (4, 3, 2)).astype(np.int32)
+        b["long_actions"] = np.zeros((4, 3, 2), np.int32)
+        b["long_timestamps"] = -np.arange(3, 0, -1)[None].repeat(4, 0).astype(np.int32) * 1000
+        b["num_long"] = rng.integers(0, 4, 4).astype(np.int32)
+        b["user_features"] = rng.standard_normal((4, 4)).astype(np.float32)
+        b["context"] = rng.integers(0, 24, (4, 2)).astype(np.int32)
+    want, want_caches = full(jnp_batch(b))
+    got, got_caches = last(jnp_batch(b))
+    want, got = np.asarray(want), np.asarray(got)
+    assert got.shape == want.shape and np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert len(got_caches) == len(want_caches)
+    for g, w in zip(got_caches, want_caches):
+        np.testing.assert_allclose(np.asarray(g.k), np.asarray(w.k), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(g.v), np.asarray(w.v), rtol=1e-5, atol=1e-5)
