@@ -340,6 +340,10 @@ class ServeConfig:
     # writes nothing to the K/V pool (nothing to cache without a user); false: through the
     # pool like every other request (same results; one more dispatch and the K/V writes).
     direct_recommend: bool = True
+    # Requests that need only the user vector (retrieval, and prefill without a decoder
+    # memory) run the last layer's attention and FFN for the last event only (exact;
+    # ``Recommender.encode_last``). false: the full last layer (for comparison).
+    last_token_only: bool = True
 
 
 @dataclasses.dataclass

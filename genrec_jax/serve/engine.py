@@ -269,14 +269,15 @@ class Engine:
         windows = lambda s: {**{k: i32(b, s) for k in ("items", "actions", "timestamps", "query_timestamps")},  # noqa: E731
                              "lengths": i32(b)}  # pad_batch's arrays
         if name == "prefill":
-            return self._fn.wrap(steps.prefill_step), (w, pool, windows(key[2]), i32(b)), (1,)
+            fn = self._fn.wrap(steps.prefill_step, last_only=self.cfg.last_token_only)
+            return fn, (w, pool, windows(key[2]), i32(b)), (1,)
         if name == "extend":
             m = key[2]
             new = {k: i32(b, m) for k in ("items", "actions", "timestamps", "query_timestamps")}
             new.update(lengths=i32(b), prev_timestamp=i32(b))
             return self._fn.wrap(steps.extend_step), (w, pool, new, i32(b), i32(b, c), i32(b)), (1,)
         if name == "recommend":
-            fn = self._fn.wrap(steps.recommend_step, k=self.top_k)
+            fn = self._fn.wrap(steps.recommend_step, k=self.top_k, last_only=self.cfg.last_token_only)
             return fn, (w, self.item_table, np.int32(0), windows(key[2]), i32(b, self.exclude_width)), ()
         if name == "retrieve":
             fn = self._fn.wrap(steps.retrieve_step, k=self.top_k)

@@ -77,17 +77,19 @@ def _take_last(y: jax.Array, lengths: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------- encode
 
 
-def prefill_step(model, pool: Pool, batch: dict, slots: jax.Array) -> Pool:
+def prefill_step(model, pool: Pool, batch: dict, slots: jax.Array, *, last_only: bool = True) -> Pool:
     """Encode windows [B, S] and store their K/V, states and last state in ``slots``.
 
     Without a decoder memory (``pool.states``) only the last token's state is kept, so the
-    last layer runs its attention and FFN for that token only (``encode_last``)."""
+    last layer runs its attention and FFN for that token only (``encode_last``; unless
+    ``last_only`` is false)."""
     s = batch["items"].shape[1]
     st = None
-    if pool.states is not None:
+    if pool.states is not None or not last_only:
         states, _, caches = model.encode(batch, return_cache=True)
         user = model.last_states(states, batch["lengths"])
-        st = pool.states.at[slots, :s].set(states.astype(pool.states.dtype))
+        if pool.states is not None:
+            st = pool.states.at[slots, :s].set(states.astype(pool.states.dtype))
     else:
         user, caches = model.encode_last(batch, return_cache=True)
     k = jnp.stack([c.k for c in caches]).astype(pool.k.dtype)  # [layers, B, S, H, Dqk]
@@ -133,11 +135,17 @@ def retrieve_step(model, item_table: jax.Array, num_items: jax.Array, user: jax.
     return _top_items(model, item_table, num_items, user[slots], exclude, k)
 
 
-def recommend_step(model, item_table: jax.Array, num_items: jax.Array, batch: dict, exclude: jax.Array, *, k: int):
+def recommend_step(model, item_table: jax.Array, num_items: jax.Array, batch: dict, exclude: jax.Array, *, k: int,
+                   last_only: bool = True):
     """``prefill_step`` + ``retrieve_step`` for rows that nobody will extend: the windows
     [B, S] are encoded and their last states scored at once, and the pool is not touched.
-    The last layer runs for each row's last token only (``encode_last``)."""
-    user = model.encode_last(batch).astype(jnp.float32)
+    The last layer runs for each row's last token only (``encode_last``) unless ``last_only``
+    is false."""
+    if last_only:
+        user = model.encode_last(batch)
+    else:
+        user = model.last_states(model.encode(batch)[0], batch["lengths"])
+    user = user.astype(jnp.float32)
     return _top_items(model, item_table, num_items, user, exclude, k)
 
 
