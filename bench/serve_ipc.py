@@ -85,6 +85,8 @@ def serve(args) -> None:
             return [answer] * len(jobs)
 
         engine.process = stub
+        engine.dispatch = stub  # the pipelined batcher's two halves: the stub's answers pass through
+        engine.collect = lambda answers: answers
     svc = Service(cfg, lambda: engine, EngineMetrics())
     svc.start()
 

@@ -344,6 +344,9 @@ class ServeConfig:
     # memory) run the last layer's attention and FFN for the last event only (exact;
     # ``Recommender.encode_last``). false: the full last layer (for comparison).
     last_token_only: bool = True
+    # Batches dispatched to the device and not yet answered (genrec_jax.serve.batcher): 2
+    # overlaps one batch's host work with another's device work; 1 runs them one at a time.
+    pipeline_depth: int = 2
 
 
 @dataclasses.dataclass
@@ -471,6 +474,7 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     _check(sorted(s.seq_buckets) == list(s.seq_buckets) and all(b > 0 for b in s.seq_buckets),
            "serve.seq_buckets", "must be positive and increasing", source)
     _check(s.queue_size > 0, "serve.queue_size", "must be > 0", source)
+    _check(s.pipeline_depth >= 1, "serve.pipeline_depth", f"must be >= 1, got {s.pipeline_depth}", source)
     _check(0 <= s.gil_switch_interval_ms <= 100, "serve.gil_switch_interval_ms",
            "must be in [0, 100] (0 keeps Python's default of 5 ms)", source)
     _check(s.max_loop_lag_ms >= 0, "serve.max_loop_lag_ms", "must be >= 0 (0 turns lag shedding off)", source)

@@ -119,10 +119,14 @@ class Service(LoopWatch):
                 self._build()
             if self.engine is not None and (self.batcher is None or self.batcher.stopped):
                 engine = self.engine
-                # Late-bound, so a replaced engine.process (tests, instrumentation) is what runs.
+                # Late-bound, so a replaced engine.process / dispatch (tests, instrumentation)
+                # is what runs.
                 self.batcher = Batcher(lambda jobs: engine.process(jobs), max_batch=engine.max_batch,
                                        max_wait_s=self.cfg.max_wait_ms / 1e3, queue_size=self.cfg.queue_size,
-                                       on_batch=self.metrics.on_batch).start()
+                                       on_batch=self.metrics.on_batch,
+                                       dispatch=lambda jobs: engine.dispatch(jobs),
+                                       collect=lambda handle: engine.collect(handle),
+                                       depth=self.cfg.pipeline_depth).start()
 
     def _build(self) -> None:
         try:

@@ -16,6 +16,14 @@
 The batcher knows nothing about models: ``run(payloads) -> results`` (one result or
 exception per payload) is the engine's ``process``.
 
+Pipelining (``depth`` > 1, with ``dispatch`` and ``collect``): the worker only forms
+batches and dispatches them (``dispatch(payloads) -> handle``, which launches the device
+work and returns at once); a second thread waits for each batch's outputs
+(``collect(handle) -> results``) and answers it. Up to ``depth`` batches are dispatched and
+not yet answered, so the host work of one batch (building its inputs, launching its
+kernels, copying and packaging the previous batch's answers) overlaps the device work of
+another, instead of the device idling while the host works and the other way round.
+
 A job submitted with ``loop=`` gets an asyncio future of that event loop instead of a
 ``concurrent.futures.Future``. The worker hands a batch's outcomes to each loop in one
 ``call_soon_threadsafe`` call: with a thread future per job, every result wakes the loop
@@ -91,11 +99,22 @@ class Batcher:
         max_wait_s: longest a job waits for companions (from its arrival).
         queue_size: most jobs waiting; more are refused.
         on_batch: ``(jobs in batch, seconds the oldest waited)`` after each batch (metrics).
+        dispatch, collect, depth: the pipelined form of ``run`` (module docstring);
+            ``run`` is used when ``depth`` is 1 or either is missing.
     """
 
     def __init__(self, run: Callable[[list[Any]], Sequence[Any]], *, max_batch: int, max_wait_s: float,
-                 queue_size: int, on_batch: Callable[[int, float], None] | None = None):
+                 queue_size: int, on_batch: Callable[[int, float], None] | None = None,
+                 dispatch: Callable[[list[Any]], Any] | None = None,
+                 collect: Callable[[Any], Sequence[Any]] | None = None, depth: int = 1):
+        if depth < 1:
+            raise ValueError(f"pipeline depth must be >= 1, got {depth}")
         self._run = run
+        self._dispatch, self._collect_fn = dispatch, collect
+        self.pipeline_depth = depth if (dispatch is not None and collect is not None) else 1
+        self._slots = threading.Semaphore(self.pipeline_depth)  # batches dispatched and not yet answered
+        self._handles: queue.Queue = queue.Queue()  # (live tickets, handle) for the collector
+        self._collector: threading.Thread | None = None
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
@@ -109,6 +128,9 @@ class Batcher:
 
     def start(self) -> "Batcher":
         if self._thread is None:
+            if self.pipeline_depth > 1:
+                self._collector = threading.Thread(target=self._collect_loop, name="genrec-collector", daemon=True)
+                self._collector.start()
             self._thread = threading.Thread(target=self._loop, name="genrec-batcher", daemon=True)
             self._thread.start()
         return self
@@ -119,6 +141,16 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout)
         left = []
+        if self._collector is not None:  # answers every batch already dispatched, then ends
+            self._handles.put(None)
+            self._collector.join(timeout)
+            while True:  # anything queued behind the end marker (a worker that outlived its join)
+                try:
+                    item = self._handles.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    left += [(t, ShuttingDown("the server is shutting down"), True) for t in item[0]]
         while True:
             try:
                 t = self._queue.get_nowait()
@@ -196,10 +228,41 @@ class Batcher:
             self.batches += 1
 
     def _execute(self, live: list[Ticket]) -> None:
+        if self.pipeline_depth > 1:
+            return self._pipelined(live)
         try:
             results = self._run([t.payload for t in live])
         except BaseException as e:  # noqa: BLE001 -- every caller must hear about it
-            log.exception("batch of %d failed", len(live))
-            _resolve([(t, e, True) for t in live])
+            self._failed(live, e)
             return
         _resolve([(t, r, isinstance(r, BaseException)) for t, r in zip(live, results)])
+
+    @staticmethod
+    def _failed(live: list[Ticket], e: BaseException) -> None:
+        log.error("batch of %d failed", len(live), exc_info=e)
+        _resolve([(t, e, True) for t in live])
+
+    def _pipelined(self, live: list[Ticket]) -> None:
+        self._slots.acquire()  # at most ``depth`` batches between dispatch and answer
+        try:
+            handle = self._dispatch([t.payload for t in live])
+        except BaseException as e:  # noqa: BLE001
+            self._slots.release()
+            self._failed(live, e)
+            return
+        self._handles.put((live, handle))
+
+    def _collect_loop(self) -> None:
+        while True:
+            item = self._handles.get()
+            if item is None:
+                return
+            live, handle = item
+            try:
+                results = self._collect_fn(handle)
+            except BaseException as e:  # noqa: BLE001
+                self._failed(live, e)
+            else:
+                _resolve([(t, r, isinstance(r, BaseException)) for t, r in zip(live, results)])
+            finally:
+                self._slots.release()

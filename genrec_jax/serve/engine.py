@@ -88,6 +88,25 @@ class _Row:
     user_id: str | None  # set when the slot belongs to this user (commit on success)
 
 
+@dataclasses.dataclass
+class _Chunk:
+    """One pass's dispatched steps: (kind, rows, device outputs) of the top-k steps and
+    (pieces, device outputs) of the rank steps."""
+
+    jobs: Sequence[Job]
+    rows: list[_Row]
+    pending: list
+    ranked: list
+
+
+@dataclasses.dataclass
+class _Pending:
+    """What ``Engine.dispatch`` hands to ``Engine.collect``."""
+
+    t0: float
+    chunks: list[_Chunk] = dataclasses.field(default_factory=list)
+
+
 _NO_EXCLUDE = np.zeros(0, np.int32)  # shared by requests that exclude nothing (read-only)
 _NO_EXCLUDE.flags.writeable = False
 
@@ -424,15 +443,35 @@ class Engine:
 
     def process(self, jobs: Sequence[Job], _warm: bool = False) -> list[Recommendation | RankScores]:
         """Run jobs (any mix of kinds), at most ``max_batch`` encoder rows per pass."""
+        return self.collect(self.dispatch(jobs, _warm))
+
+    def dispatch(self, jobs: Sequence[Job], _warm: bool = False) -> "_Pending":
+        """First half of ``process``: assign cache slots and launch every step for ``jobs``
+        (the device runs them in order; nothing waits here). ``collect`` gives the answers.
+        Batches may be dispatched before earlier ones are collected (``serve.pipeline_depth``):
+        every step reads and writes the K/V pool through one chain of donated buffers, so
+        the device applies them in dispatch order."""
         if not (self.ready or _warm):
             raise NotReady("the engine is still compiling")
-        out: list = []
-        t0 = time.perf_counter()
+        pending = _Pending(time.perf_counter())
         with self._lock:
             for i in range(0, len(jobs), self.max_batch):
-                out.extend(self._process(jobs[i:i + self.max_batch]))
+                pending.chunks.append(self._dispatch(jobs[i:i + self.max_batch]))
+        return pending
+
+    def collect(self, pending: "_Pending") -> list[Recommendation | RankScores]:
+        """Second half of ``process``: wait for a dispatched batch's outputs and build its
+        answers (in the jobs' order). Needs no lock: it reads only that batch's outputs."""
+        out: list = []
+        for chunk in pending.chunks:
+            try:
+                out.extend(self._collect(chunk))
+            except BaseException:
+                with self._lock:
+                    self._recover(chunk.rows)
+                raise
         if self.host_spans is not None:
-            self._span("total", t0)
+            self._span("total", pending.t0)
             self.host_spans["batches"] = self.host_spans.get("batches", 0) + 1
         return out
 
@@ -442,20 +481,29 @@ class Engine:
             self.host_spans[name] = self.host_spans.get(name, 0.0) + t - t0
         return t
 
-    def _process(self, jobs: Sequence[Job]) -> list:
+    def _dispatch(self, jobs: Sequence[Job]) -> "_Chunk":
         rows = self._assign_slots(jobs)
-        results: list = [None] * len(jobs)
         direct, rows = self._split_direct(jobs, rows)
         try:
             pending = self._direct(jobs, direct)
             self._encode(rows)
-            self._heads(jobs, rows, results, pending)
+            self._heads(jobs, rows, pending)
+            ranked = self._rank(jobs, [r for r in rows if isinstance(jobs[r.job], RankJob)])
         except BaseException:
             self._recover(rows)
             raise
+        # Committed now, not after the answers: a later batch dispatched meanwhile finds the
+        # user's prefix, and its steps run after this one's writes on the device. A failure
+        # while collecting forgets these users again (``collect``).
         for r in rows:
             if r.user_id is not None:
                 self.prefix.commit(r.user_id, r.slot, r.window)
+        return _Chunk(jobs, rows, pending, ranked)
+
+    def _collect(self, chunk: "_Chunk") -> list:
+        results: list = [None] * len(chunk.jobs)
+        self._fetch_top(chunk.jobs, chunk.pending, results)
+        self._fetch_rank(chunk.ranked, results)
         return results
 
     def _split_direct(self, jobs: Sequence[Job], rows: list[_Row]) -> tuple[list[_Row], list[_Row]]:
@@ -568,7 +616,7 @@ class Engine:
                 self._pool = self._call(("extend", b, m), self.weights, self._pool, new, start,
                                         k_ts, slots)
 
-    def _heads(self, jobs: Sequence[Job], rows: list[_Row], results: list, pending: list) -> None:
+    def _heads(self, jobs: Sequence[Job], rows: list[_Row], pending: list) -> None:
         # pending: (kind, rows, device outputs), fetched after every step is dispatched
         by_kind: dict[str, list[_Row]] = {"retrieval": [], "generative": [], "rank": []}
         for r in rows:
@@ -596,8 +644,8 @@ class Engine:
                     excluded = self._exclusion_codes(jobs, part, b)
                     out = gen_execs[b](self.weights, self._pool, slots, lengths, exclude, trie, history, excluded)
                 pending.append((kind, part, out))
-        if by_kind["rank"]:
-            self._rank(jobs, by_kind["rank"], results)
+
+    def _fetch_top(self, jobs: Sequence[Job], pending: list, results: list) -> None:
         for kind, part, (ids, scores) in pending:
             t0 = time.perf_counter()
             if self.host_spans is not None:
@@ -615,7 +663,10 @@ class Engine:
                     results[r.job] = Recommendation(ids[i, :k][keep], scores[i, :k][keep])
             self._span("results", t0)
 
-    def _rank(self, jobs: Sequence[Job], group: list[_Row], results: list) -> None:
+    def _rank(self, jobs: Sequence[Job], group: list[_Row]) -> list:
+        """Dispatch the M-FALCON steps for the rank rows; ``_fetch_rank`` collects them."""
+        if not group:
+            return []
         top = self.rank_buckets[-1]
         pieces = []  # (row, candidate offset, count)
         for r in group:
@@ -641,6 +692,9 @@ class Engine:
             self._observe("rank", len(part), b)
             outs.append((part, self._call(("rank", b, m), self.weights, self.item_table, self._pool,
                                           slots, hist, k_ts, cand, count, req)))
+        return outs
+
+    def _fetch_rank(self, outs: list, results: list) -> None:
         collected: dict[int, dict[str, list]] = {}
         for part, (probs, retrieval) in outs:
             probs = None if probs is None else np.asarray(probs)

@@ -126,7 +126,7 @@ def test_internal_error_leaks_no_stack_trace(client, engine, monkeypatch):
     def boom(jobs, **kw):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(engine, "process", boom)
+    monkeypatch.setattr(engine, "dispatch", boom)  # what the pipelined batcher calls
     r = client.post("/v1/recommend", json={"history": H})
     assert r.status_code == 500
     assert "secret" not in r.text and "Traceback" not in r.text and r.json()["error"]["type"] == "internal"
@@ -136,13 +136,13 @@ def test_internal_error_leaks_no_stack_trace(client, engine, monkeypatch):
 def gated(engine, monkeypatch):
     """Make the engine block until the gate opens (a stand-in for a saturated device)."""
     gate = threading.Event()
-    real = engine.process
+    real = engine.dispatch
 
     def slow(jobs, **kw):
         gate.wait(10)
         return real(jobs, **kw)
 
-    monkeypatch.setattr(engine, "process", slow)
+    monkeypatch.setattr(engine, "dispatch", slow)
     yield gate
     gate.set()
 

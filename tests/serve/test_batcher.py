@@ -176,3 +176,98 @@ def test_loop_futures_cancelled_or_late_are_not_run():
         assert ran == [0, 3]
 
     asyncio.run(main())
+
+
+class _Device:
+    """A stand-in for the engine's two halves: ``dispatch`` returns at once with a handle,
+    ``collect`` waits until the 'device' (a gate per batch) has finished that batch."""
+
+    def __init__(self, fail_dispatch=None, fail_collect=None):
+        self.lock = threading.Lock()
+        self.outstanding = 0  # dispatched, not yet collected
+        self.most = 0
+        self.order = []  # batches in dispatch order
+        self.fail_dispatch, self.fail_collect = fail_dispatch, fail_collect
+
+    def dispatch(self, payloads):
+        if self.fail_dispatch is not None and self.fail_dispatch in payloads:
+            raise RuntimeError("dispatch failed")
+        with self.lock:
+            self.outstanding += 1
+            self.most = max(self.most, self.outstanding)
+            self.order.append(list(payloads))
+        done = threading.Event()
+        threading.Timer(0.004, done.set).start()  # the device's time for this batch
+        return payloads, done
+
+    def collect(self, handle):
+        payloads, done = handle
+        done.wait(5)
+        with self.lock:
+            self.outstanding -= 1
+        if self.fail_collect is not None and self.fail_collect in payloads:
+            raise RuntimeError("collect failed")
+        return [ValueError("bad") if p == -1 else p * 10 for p in payloads]
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_pipelined_keeps_at_most_depth_batches_in_flight_and_answers_everyone(depth):
+    dev = _Device()
+    b = make(None, dispatch=dev.dispatch, collect=dev.collect, depth=depth, queue_size=512)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            futs = list(pool.map(lambda i: (i, b.submit(i, 5.0)), range(300)))
+            for i, f in futs:
+                assert f.result(5) == i * 10, "a caller got another caller's result"
+    finally:
+        b.stop()
+    assert 1 < dev.most <= depth, (dev.most, depth)
+    assert sorted(p for batch in dev.order for p in batch) == list(range(300))
+    assert max(len(batch) for batch in dev.order) <= 8
+
+
+def test_pipelined_errors_reach_the_right_callers():
+    dev = _Device(fail_dispatch=0, fail_collect=1)
+    b = make(None, dispatch=dev.dispatch, collect=dev.collect, depth=2, max_batch=1)
+    try:
+        f0, f1, f2, f3 = (b.submit(p, 5.0) for p in (0, 1, 2, -1))
+        with pytest.raises(RuntimeError, match="dispatch failed"):
+            f0.result(5)
+        with pytest.raises(RuntimeError, match="collect failed"):
+            f1.result(5)
+        assert f2.result(5) == 20
+        with pytest.raises(ValueError):
+            f3.result(5)
+        assert b.submit(3, 5.0).result(5) == 30, "failures must not leak pipeline slots"
+    finally:
+        b.stop()
+
+
+def test_pipelined_stop_answers_dispatched_and_queued_jobs():
+    gate = threading.Event()
+    dev = _Device()
+    real_collect = dev.collect
+    b = make(None, dispatch=dev.dispatch, collect=lambda h: (gate.wait(5), real_collect(h))[1], depth=2,
+             max_batch=1)
+    running = [b.submit(i, 5.0) for i in range(2)]  # both dispatched, answers held at the gate
+    time.sleep(0.05)
+    queued = b.submit(9, 5.0)  # the worker blocks: two batches already in flight
+    time.sleep(0.05)
+    threading.Timer(0.05, gate.set).start()
+    b.stop()
+    assert [f.result(5) for f in running] == [0, 10], "dispatched batches are answered on stop"
+    try:
+        assert queued.result(5) == 90  # dispatched once a slot freed, before the worker saw stop
+    except ShuttingDown:
+        pass  # or still queued when the worker stopped: answered ShuttingDown, never dropped
+
+
+def test_depth_one_or_missing_halves_runs_in_one_call():
+    calls = []
+    b = make(lambda ps: (calls.append(len(ps)), [p + 1 for p in ps])[1], dispatch=None, collect=None, depth=3)
+    try:
+        assert b.pipeline_depth == 1 and b.submit(1, 5.0).result(5) == 2 and calls
+    finally:
+        b.stop()
+    with pytest.raises(ValueError):
+        Batcher(lambda ps: ps, max_batch=1, max_wait_s=0, queue_size=1, depth=0)

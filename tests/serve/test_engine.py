@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genrec_jax.serve.engine import RankJob, RecommendJob
+from genrec_jax.serve.engine import RankJob, Recommendation, RecommendJob
 from genrec_jax.serve.errors import Conflict, NotReady, RequestError
 from genrec_jax.serve.inputs import History, pad_batch
 from genrec_jax.train.step import candidate_features
@@ -211,3 +211,37 @@ def test_warmup_runs_every_executable_and_keeps_cached_users(engine, rng):
     np.testing.assert_array_equal(again.items, first.items)
     np.testing.assert_allclose(again.scores, first.scores, rtol=1e-5, atol=1e-6)
     engine.prefix.discard(uid)
+
+
+def test_batches_dispatched_before_earlier_ones_are_collected_answer_as_one_at_a_time(engine, rng):
+    """The pipelined batcher dispatches batch n + 1 before collecting batch n. A returning
+    user's second batch extends the prefix the first batch is still writing, and every
+    batch writes the scratch slots: the device must apply them in dispatch order."""
+    hs = histories(3, rng, lo=6, hi=15)  # within the window (max_len 16): the newer one extends the older
+    uids = [f"pipelined-{i}" for i in range(3)]
+    cut = [len(h.items) - 2 for h in hs]
+    older = [History(h.items[:c], h.actions[:c], h.timestamps[:c], int(h.timestamps[c - 1]) + 60)
+             for h, c in zip(hs, cut)]
+    hits = engine.prefix.hits
+    try:
+        first = engine.dispatch([RecommendJob(o, 5, user_id=u) for o, u in zip(older, uids)]
+                                + [RankJob(hs[0], np.arange(1, 40, dtype=np.int32))])
+        second = engine.dispatch([RecommendJob(h, 5, user_id=u) for h, u in zip(hs, uids)]
+                                 + [RecommendJob(h, 5) for h in hs])
+        third = engine.dispatch([RecommendJob(o, 5) for o in older])
+        got_third, got_second, got_first = engine.collect(third), engine.collect(second), engine.collect(first)
+        assert engine.prefix.hits == hits + 3, "the second batch must extend the first batch's prefixes"
+    finally:
+        for u in uids:
+            engine.prefix.discard(u)
+    want_first = engine.process([RecommendJob(o, 5) for o in older] + [RankJob(hs[0], np.arange(1, 40, dtype=np.int32))])
+    want_second = engine.process([RecommendJob(h, 5) for h in hs] * 2)
+    for got, want in ((got_first, want_first), (got_second, want_second), (got_third, want_first[:3])):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            if isinstance(w, Recommendation):
+                np.testing.assert_array_equal(g.items, w.items)
+                np.testing.assert_allclose(g.scores, w.scores, rtol=1e-4, atol=1e-5)
+            else:
+                for name in w.scores:
+                    np.testing.assert_allclose(g.scores[name], w.scores[name], rtol=1e-4, atol=1e-5)
