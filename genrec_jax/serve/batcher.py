@@ -23,6 +23,11 @@ work and returns at once); a second thread waits for each batch's outputs
 not yet answered, so the host work of one batch (building its inputs, launching its
 kernels, copying and packaging the previous batch's answers) overlaps the device work of
 another, instead of the device idling while the host works and the other way round.
+Only a full batch is dispatched while an earlier one is unanswered; a part-full one keeps
+filling until the device has answered (then it goes, as without pipelining). Dispatching
+part-full batches at once made more, smaller batches, each paying the per-batch host cost,
+and (one H100 run, 4 HTTP front ends) lowered the rate the server sustained from ~4,100/s
+to ~3,100/s and raised the admitted p99 at 2,000/s from 13 to 92 ms.
 
 A job submitted with ``loop=`` gets an asyncio future of that event loop instead of a
 ``concurrent.futures.Future``. The worker hands a batch's outcomes to each loop in one
@@ -45,6 +50,8 @@ from typing import Any, Callable, Sequence
 from genrec_jax.serve.errors import DeadlineExceeded, Overloaded, ShuttingDown
 
 log = logging.getLogger("genrec_jax.serve")
+
+FILL_POLL_S = 0.0005  # pipelined: how often a part-full batch checks whether the device is free
 
 
 @dataclasses.dataclass
@@ -115,6 +122,8 @@ class Batcher:
         self._slots = threading.Semaphore(self.pipeline_depth)  # batches dispatched and not yet answered
         self._handles: queue.Queue = queue.Queue()  # (live tickets, handle) for the collector
         self._collector: threading.Thread | None = None
+        self._outstanding = 0  # batches dispatched and not yet answered (pipelined only)
+        self._count_lock = threading.Lock()
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
@@ -199,8 +208,19 @@ class Batcher:
             remaining = until - time.monotonic()
             try:
                 batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+                continue
             except queue.Empty:
+                pass
+            if self._outstanding == 0 or self._stop.is_set():
                 break
+            # Pipelined, with an earlier batch not yet answered: a part-full batch dispatched
+            # now would only wait behind it on the device, and more, smaller batches cost more
+            # host time per request. Keep filling until the batch is full (then it goes at
+            # once: the overlap) or the device has answered.
+            try:
+                batch.append(self._queue.get(timeout=FILL_POLL_S))
+            except queue.Empty:
+                pass
         return batch
 
     def _loop(self) -> None:
@@ -250,6 +270,8 @@ class Batcher:
             self._slots.release()
             self._failed(live, e)
             return
+        with self._count_lock:
+            self._outstanding += 1
         self._handles.put((live, handle))
 
     def _collect_loop(self) -> None:
@@ -265,4 +287,6 @@ class Batcher:
             else:
                 _resolve([(t, r, isinstance(r, BaseException)) for t, r in zip(live, results)])
             finally:
+                with self._count_lock:
+                    self._outstanding -= 1
                 self._slots.release()

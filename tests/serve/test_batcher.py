@@ -271,3 +271,31 @@ def test_depth_one_or_missing_halves_runs_in_one_call():
         b.stop()
     with pytest.raises(ValueError):
         Batcher(lambda ps: ps, max_batch=1, max_wait_s=0, queue_size=1, depth=0)
+
+
+def test_pipelined_dispatches_part_full_batches_only_when_the_device_is_free():
+    """While a batch is unanswered, the next is dispatched only once full; a trickle of
+    jobs meanwhile joins one batch instead of going out one by one behind it."""
+    gate = threading.Event()
+    dev = _Device()
+    real_collect = dev.collect
+    b = make(None, dispatch=dev.dispatch, collect=lambda h: (gate.wait(5), real_collect(h))[1], depth=2,
+             max_batch=8, max_wait_s=0.001)
+    try:
+        first = b.submit(0, 5.0)
+        time.sleep(0.03)  # dispatched alone; its answer is held at the gate
+        trickle = []
+        for i in range(1, 6):  # arrive one by one, each far past max_wait after the first
+            trickle.append(b.submit(i, 5.0))
+            time.sleep(0.01)
+        assert dev.order == [[0]], f"part-full batches went out behind an unanswered one: {dev.order}"
+        full = [b.submit(i, 5.0) for i in range(6, 9)]  # 1..8: the waiting batch is now full
+        time.sleep(0.03)
+        assert dev.order == [[0], list(range(1, 9))], dev.order
+        gate.set()
+        assert [f.result(5) for f in [first, *trickle, *full]] == [10 * i for i in range(9)]
+        late = b.submit(9, 5.0)  # the device is free again: a lone job goes after max_wait
+        assert late.result(5) == 90 and dev.order[-1] == [9]
+    finally:
+        gate.set()
+        b.stop()
