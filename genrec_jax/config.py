@@ -345,8 +345,10 @@ class ServeConfig:
     # ``Recommender.encode_last``). false: the full last layer (for comparison).
     last_token_only: bool = True
     # Batches dispatched to the device and not yet answered (genrec_jax.serve.batcher): 2
-    # overlaps one batch's host work with another's device work; 1 runs them one at a time.
-    pipeline_depth: int = 2
+    # overlaps one batch's host work with another's device work (more throughput when the
+    # device bounds it: long histories, beam search; each batch also waits for the one
+    # before it); 1 runs them one at a time. Measured in README (Results, Serving).
+    pipeline_depth: int = 1
 
 
 @dataclasses.dataclass

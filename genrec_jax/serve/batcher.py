@@ -24,10 +24,9 @@ not yet answered, so the host work of one batch (building its inputs, launching 
 kernels, copying and packaging the previous batch's answers) overlaps the device work of
 another, instead of the device idling while the host works and the other way round.
 Only a full batch is dispatched while an earlier one is unanswered; a part-full one keeps
-filling until the device has answered (then it goes, as without pipelining). Dispatching
-part-full batches at once made more, smaller batches, each paying the per-batch host cost,
-and (one H100 run, 4 HTTP front ends) lowered the rate the server sustained from ~4,100/s
-to ~3,100/s and raised the admitted p99 at 2,000/s from 13 to 92 ms.
+filling until the device has answered (then it goes, as without pipelining): dispatched at
+once it would only wait behind the other on the device, and more, smaller batches each pay
+the per-batch host cost.
 
 A job submitted with ``loop=`` gets an asyncio future of that event loop instead of a
 ``concurrent.futures.Future``. The worker hands a batch's outcomes to each loop in one

@@ -443,7 +443,7 @@ class Engine:
 
     def process(self, jobs: Sequence[Job], _warm: bool = False) -> list[Recommendation | RankScores]:
         """Run jobs (any mix of kinds), at most ``max_batch`` encoder rows per pass."""
-        return self.collect(self.dispatch(jobs, _warm))
+        return self.collect(self.dispatch(jobs, _warm=_warm))
 
     def dispatch(self, jobs: Sequence[Job], _warm: bool = False) -> "_Pending":
         """First half of ``process``: assign cache slots and launch every step for ``jobs``
