@@ -530,7 +530,7 @@ class Engine:
                 self._observe("recommend", len(part), b)
                 out = self._call(("recommend", b, s), self.weights, self.item_table, np.int32(self.live_items),
                                  batch, self._exclude(jobs, part, b))
-                pending.append(("retrieval", part, out))
+                pending.append(("retrieval", part, _to_host_async(out)))
         return pending
 
     def _exclude(self, jobs: Sequence[Job], part: list[_Row], b: int) -> np.ndarray | jax.Array:
@@ -643,7 +643,7 @@ class Engine:
                                if self.semantic.repeat_aware else None)
                     excluded = self._exclusion_codes(jobs, part, b)
                     out = gen_execs[b](self.weights, self._pool, slots, lengths, exclude, trie, history, excluded)
-                pending.append((kind, part, out))
+                pending.append((kind, part, _to_host_async(out)))
 
     def _fetch_top(self, jobs: Sequence[Job], pending: list, results: list) -> None:
         for kind, part, (ids, scores) in pending:
@@ -690,8 +690,8 @@ class Engine:
                 count[i] = c
                 req[i] = w.request_ts - origin
             self._observe("rank", len(part), b)
-            outs.append((part, self._call(("rank", b, m), self.weights, self.item_table, self._pool,
-                                          slots, hist, k_ts, cand, count, req)))
+            outs.append((part, _to_host_async(self._call(("rank", b, m), self.weights, self.item_table, self._pool,
+                                                         slots, hist, k_ts, cand, count, req))))
         return outs
 
     def _fetch_rank(self, outs: list, results: list) -> None:
@@ -828,6 +828,14 @@ def map_item_embedding(params, fn: Callable[[jax.Array], jax.Array]):
         return fn(x) if jax.tree_util.keystr(path).startswith("['item_emb']['embedding']") else x
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _to_host_async(out):
+    """Start copying a step's outputs to the host as soon as the device has them (queued
+    behind the step), so that collecting them does not begin the copies only then."""
+    for x in jax.tree.leaves(out):
+        x.copy_to_host_async()
+    return out
 
 
 def _pad_slots(values: Sequence[int], b: int) -> np.ndarray:
