@@ -200,6 +200,10 @@ class ModelConfig:
     group_norm: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"
     attention_backend: Literal["auto", "xla", "triton"] = "auto"
+    # XLA attention only: recompute the [B, H, N, N] scores in the backward pass
+    # (jax.checkpoint) instead of keeping them from the forward; the Triton kernels always
+    # recompute.
+    attention_remat: bool = False
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     multiscale: MultiScaleConfig = dataclasses.field(default_factory=MultiScaleConfig)
     tasks: TaskHeadsConfig = dataclasses.field(default_factory=TaskHeadsConfig)

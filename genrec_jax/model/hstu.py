@@ -54,12 +54,13 @@ class HSTULayer(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         backend: str = "auto",
+        remat_attention: bool = False,
         make_norm=None,
         ffn: nnx.Module | None = None,
     ):
         self.num_heads, self.attn_dim, self.linear_dim = num_heads, attn_dim, linear_dim
         self.max_len, self.dropout_rate, self.attn_norm = max_len, dropout_rate, attn_norm
-        self.backend, self.dtype = backend, dtype
+        self.backend, self.dtype, self.remat_attention = backend, dtype, remat_attention
         make_norm = make_norm or (lambda d: LayerNorm(d, rngs=rngs))
         self.in_norm = make_norm(embed_dim)
         # W1: [embed, heads, 2*dv + 2*dqk]; heads kept as their own axis so tensor
@@ -125,7 +126,7 @@ class HSTULayer(nnx.Module):
             pos_bias=pos, time_bias=tb,
             timestamps=ctx.timestamps if tb is not None else None,
             query_timestamps=ctx.query_timestamps if tb is not None else None,
-            backend=self.backend,
+            backend=self.backend, remat=self.remat_attention,
         )
         y, aux = self.finish(x, attn, u, ctx, key)
         if return_cache:

@@ -73,7 +73,8 @@ class Recommender(nnx.Module):
                         max_len=self.total_len, dropout_rate=cfg.dropout, attn_norm=cfg.attn_norm,
                         rab_position=cfg.rab_position, rab_time=cfg.rab_time,
                         num_time_buckets=cfg.num_time_buckets, rngs=rngs, dtype=self.dtype,
-                        backend=cfg.attention_backend, make_norm=make_norm, ffn=ffn,
+                        backend=cfg.attention_backend, remat_attention=cfg.attention_remat,
+                        make_norm=make_norm, ffn=ffn,
                     )
                 )
             else:

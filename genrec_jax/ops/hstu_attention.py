@@ -272,11 +272,13 @@ def hstu_attention(
     timestamps: jax.Array | None = None,
     query_timestamps: jax.Array | None = None,
     backend: Backend = "auto",
+    remat: bool = False,
 ) -> jax.Array:
     """HSTU self-attention over padded sequences. q, k: [B, N, H, Dqk]; v: [B, N, H, Dv].
 
     ``lengths`` [B] valid tokens per row (the rest is padding and returns zeros);
-    ``num_targets`` [B] optional M-FALCON candidates at the end of each row.
+    ``num_targets`` [B] optional M-FALCON candidates at the end of each row. ``remat``
+    (XLA path): the backward recomputes the scores instead of keeping them.
     """
     if alpha is None:
         alpha = 1.0 / math.sqrt(q.shape[-1])
@@ -312,6 +314,13 @@ def hstu_attention(
                  timestamps=seqs, query_timestamps=seqs),
             heads,
         )
+    if remat:
+        def ref(q, k, v, lengths, num_targets, pos_bias, time_bias, timestamps, query_timestamps):
+            return hstu_attention_reference(
+                q, k, v, lengths, alpha=alpha, max_len=max_len, norm=norm, num_targets=num_targets,
+                pos_bias=pos_bias, time_bias=time_bias, timestamps=timestamps, query_timestamps=query_timestamps)
+
+        return jax.checkpoint(ref)(q, k, v, lengths, num_targets, pos_bias, time_bias, timestamps, query_timestamps)
     return hstu_attention_reference(q, k, v, lengths, **kwargs)
 
 

@@ -242,3 +242,30 @@ def test_scatter_free_bias_equals_gathered_bias_and_its_gradient(n, num_pos, wit
         for x, y in zip(g_new, g_ref):
             assert x.dtype == jnp.float64 and np.all(np.isfinite(x))
             np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_remat_recomputes_scores_with_equal_values_and_gradients(seed):
+    """``remat=True`` (XLA path): same outputs and gradients (inputs and bias tables); the
+    backward holds a rematerialised forward instead of kept scores."""
+    rng = np.random.default_rng(seed)
+    b, n, h, d = 2, 12, 2, 8
+    q, k, v, ts, qts = (jnp.asarray(x) for x in random_inputs(rng, b, n, h, d, d))
+    lengths = jnp.asarray([n, n // 2 + 1], jnp.int32)
+    pos = jnp.asarray(rng.standard_normal(n + 1).astype(np.float32))
+    tb = jnp.asarray(rng.standard_normal(16).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((b, n, h, d)).astype(np.float32))
+
+    def loss(q, k, v, pos, tb, remat):
+        out = ops.hstu_attention(q, k, v, lengths, max_len=n, pos_bias=pos, time_bias=tb, timestamps=ts,
+                                 query_timestamps=qts, backend="xla", remat=remat)
+        return jnp.sum(out * w)
+
+    grads = {r: jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, pos, tb, r) for r in (False, True)}
+    for a, c in zip(grads[False], grads[True]):
+        assert np.all(np.isfinite(np.asarray(c)))
+        np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss(q, k, v, pos, tb, True), loss(q, k, v, pos, tb, False), rtol=1e-6)
+    text = str(jax.make_jaxpr(jax.grad(loss, argnums=0), static_argnums=(5,))(q, k, v, pos, tb, True))
+    assert "remat" in text or "checkpoint" in text, "the backward should recompute the forward"
+    assert "remat" not in str(jax.make_jaxpr(jax.grad(loss, argnums=0), static_argnums=(5,))(q, k, v, pos, tb, False))
