@@ -212,16 +212,7 @@ class Recommender(nnx.Module):
         aligned with ``batch["items"]``."""
         key = KeySeq(dropout_key) if dropout_key is not None else None
         x, ctx, offset = self.embed(batch, key)
-        aux_all: dict[str, jax.Array] = {}
-        caches = []
-        for layer in self.layers:
-            if return_cache:
-                x, aux, cache = layer(x, ctx, key, return_cache=True)
-                caches.append(cache)
-            else:
-                x, aux = layer(x, ctx, key)
-            for name, val in aux.items():
-                aux_all[name] = aux_all.get(name, 0.0) + val / len(self.layers)
+        x, aux_all, caches = self._run_layers(self.layers, x, ctx, key, return_cache)
         states = self.final_norm(x, ctx.token_types) if self.cfg.group_norm else self.final_norm(x)
         if self.cfg.multiscale.enabled:
             n = batch["items"].shape[1]
@@ -230,6 +221,21 @@ class Recommender(nnx.Module):
         if return_cache:
             return states, aux_all, caches
         return states, aux_all
+
+    def _run_layers(self, layers, x, ctx, key, return_cache: bool):
+        """(x after ``layers``, their auxiliary losses averaged over all the model's layers,
+        their K/V caches if ``return_cache``)."""
+        aux_all: dict[str, jax.Array] = {}
+        caches = []
+        for layer in layers:
+            if return_cache:
+                x, aux, cache = layer(x, ctx, key, return_cache=True)
+                caches.append(cache)
+            else:
+                x, aux = layer(x, ctx, key)
+            for name, val in aux.items():
+                aux_all[name] = aux_all.get(name, 0.0) + val / len(self.layers)
+        return x, aux_all, caches
 
     def encode_last(self, batch: Batch, return_cache: bool = False):
         """The state of each row's last valid event [B, D] (``last_states(encode(batch)[0],
@@ -242,13 +248,7 @@ class Recommender(nnx.Module):
             last = self.last_states(out[0], batch["lengths"])
             return (last, out[2]) if return_cache else last
         x, ctx, _ = self.embed(batch, None)
-        caches = []
-        for layer in self.layers[:-1]:
-            if return_cache:
-                x, _, cache = layer(x, ctx, None, return_cache=True)
-                caches.append(cache)
-            else:
-                x, _ = layer(x, ctx, None)
+        x, _, caches = self._run_layers(self.layers[:-1], x, ctx, None, return_cache)
         # Packed with the multi-scale prefix, the last event is still row lengths - 1.
         rows = jnp.maximum(ctx.lengths - 1, 0)
         y, cache = self.layers[-1].last_rows(x, ctx, rows, return_cache=return_cache)

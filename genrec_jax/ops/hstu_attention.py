@@ -314,13 +314,9 @@ def hstu_attention(
                  timestamps=seqs, query_timestamps=seqs),
             heads,
         )
-    if remat:
-        def ref(q, k, v, lengths, num_targets, pos_bias, time_bias, timestamps, query_timestamps):
-            return hstu_attention_reference(
-                q, k, v, lengths, alpha=alpha, max_len=max_len, norm=norm, num_targets=num_targets,
-                pos_bias=pos_bias, time_bias=time_bias, timestamps=timestamps, query_timestamps=query_timestamps)
-
-        return jax.checkpoint(ref)(q, k, v, lengths, num_targets, pos_bias, time_bias, timestamps, query_timestamps)
+    if remat:  # the arrays stay arguments of the checkpointed function; the scalars are bound
+        static = {name: kwargs.pop(name) for name in ("alpha", "max_len", "norm")}
+        return jax.checkpoint(functools.partial(hstu_attention_reference, **static))(q, k, v, lengths, **kwargs)
     return hstu_attention_reference(q, k, v, lengths, **kwargs)
 
 
