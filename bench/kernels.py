@@ -139,8 +139,8 @@ def reference_gathered_bias(q, k, v, lengths, *, alpha, max_len, norm, pos_bias=
 
 
 def _cfg_label(cfg: dict) -> str:
-    keys = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_B": "B", "BLOCK_I": "I", "ROW_STAGES": "R", "num_warps": "w",
-            "num_stages": "s"}
+    keys = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_B": "B", "BLOCK_I": "I", "ROW_STAGES": "R", "EARLY_S": "E",
+            "num_warps": "w", "num_stages": "s"}
     return " ".join(f"{keys.get(k, k)}{v}" for k, v in cfg.items())
 
 
@@ -159,9 +159,12 @@ def wide_configs(kind: str, head_dim: int, rab: bool) -> list[dict]:
             grid = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 128, 8, 4), (64, 64, 4, 2), (64, 64, 4, 3),
                     (32, 64, 4, 3), (16, 128, 8, 3), (64, 128, 8, 1)]
         for bm, bn, w, st in grid:
-            c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-            if c not in out:
-                out.append(c)
+            for early in ((0, 1) if kind == "fwd" else (None,)):
+                c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                if early is not None:
+                    c = dict(BLOCK_M=bm, BLOCK_N=bn, EARLY_S=early, num_warps=w, num_stages=st)
+                if c not in out:
+                    out.append(c)
     return out
 
 

@@ -319,6 +319,52 @@ def test_interpreter_forward_random_shapes(seed, n, b, norm, targets, pos, time)
     _check_forward(p, n, dtype="float32", norm=norm, mode="interpret", max_len=n + 3)
 
 
+EARLY_FWD = {"BLOCK_M": 16, "BLOCK_N": 16, "EARLY_S": 1, "num_warps": 4, "num_stages": 1}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype,norm,targets,pos,dqk,dv", [
+    ("float32", "max_len", False, False, 16, 16),
+    ("bfloat16", "causal_count", False, False, 32, 16),
+    ("float32", "causal_count", True, False, 24, 40),  # head dims padded to the block: masked loads
+    ("float32", "max_len", False, True, 16, 16),  # with a bias the plain range runs
+])
+def test_interpreter_forward_early_scores_matches_float64(dtype, norm, targets, pos, dqk, dv):
+    """EARLY_S = 1 (the next key block's scores issued before this block's SiLU and AV):
+    lengths with 0, 1, 2 and several whole unmasked key blocks before the diagonal."""
+    rng = np.random.default_rng(seed_of(dtype, norm, targets, pos, dqk, dv) + 5)
+    n = 70
+    p = make_problem(rng, 4, n, 2, dqk, dv, lengths=[n, 1, 33, 47], targets=targets, pos=pos, time=False)
+    _check_forward(p, n, dtype=dtype, norm=norm, mode="interpret", fwd_config=EARLY_FWD)
+
+
+@needs_interpreter
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 80), b=st.integers(1, 3), targets=st.booleans())
+def test_interpreter_forward_early_scores_random_shapes(seed, n, b, targets):
+    rng = np.random.default_rng(seed)
+    p = make_problem(rng, b, n, 2, 16, 16, targets=targets, pos=False, time=False)
+    _check_forward(p, n, dtype="float32", norm="causal_count", mode="interpret", max_len=n + 3,
+                   fwd_config=EARLY_FWD)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dq_mode", ["atomic", "separate"])
+def test_interpreter_grouped_launch_order_matches_float64(monkeypatch, dq_mode):
+    """The block-fastest launch order that long sequences use (GROUP_MIN_LEN lowered so a
+    short problem takes it): every program still covers its own block, forward and backward,
+    with padding rows and ragged lengths."""
+    from genrec_jax.kernels import hstu_attention as ka
+
+    monkeypatch.setattr(ka, "GROUP_MIN_LEN", 1)
+    rng = np.random.default_rng(seed_of("grouped", dq_mode))
+    n = 50
+    p = make_problem(rng, 3, n, 2, 16, 16, lengths=[n, 1, 29], targets=True)
+    _check_forward(p, n, dtype="float32", norm="causal_count", mode="interpret")
+    _check_forward(p, n, dtype="float32", norm="max_len", mode="interpret", fwd_config=EARLY_FWD)
+    _check_backward(p, n, dtype="float32", norm="causal_count", mode="interpret", dq_mode=dq_mode)
+
+
 @needs_interpreter
 def test_interpreter_jagged_forward_matches_float64():
     from genrec_jax.kernels.hstu_attention import hstu_attention_jagged_triton
@@ -483,14 +529,14 @@ def test_compiles_for_sm90_within_shared_memory(kind):
                  BLOCK_DV=128, SILU=ka._silu_mode("bfloat16", "jax_triton"), NC=ka._table_nc("jax_triton"))
     if kind == "fwd":
         kernel = ka.autotuned("fwd", 128, True)
-        meta = dict(flags, DV=128, HAS_TARGETS=True, PADDED=True)
+        meta = dict(flags, DV=128, HAS_TARGETS=True, PADDED=True, GROUPED=True)
     elif kind == "bwd":
         kernel = ka.autotuned("bwd", 128, True)
-        meta = dict(flags, DV_DIM=128, HAS_TARGETS=True, PADDED=True, BLOCK_NB=64, ATOMIC_DQ=True)
+        meta = dict(flags, DV_DIM=128, HAS_TARGETS=True, PADDED=True, BLOCK_NB=64, ATOMIC_DQ=True, GROUPED=True)
         ptr["DV"] = "*bf16"
     elif kind == "dq":
         kernel = ka.autotuned("dq", 128, True)
-        meta = dict(flags, DV=128, HAS_TARGETS=True, PADDED=True)
+        meta = dict(flags, DV=128, HAS_TARGETS=True, PADDED=True, GROUPED=True)
         ptr["DQ"] = "*bf16"
     else:
         kernel = ka.autotuned("cached", 16)
