@@ -134,20 +134,26 @@ class MoEFFN(nnx.Module):
         m = block_rows(n, e, self.cfg.block_size)
         tiles = -(-(n + e * (m - 1)) // m)  # static bound on the padded blocks
         flat_e = top_e.reshape(-1)  # [n], copy c of token c // k
-        order = jnp.argsort(flat_e, stable=True)  # sorted copy -> copy
-        sizes = jnp.bincount(flat_e, length=e)
+        # Each copy's rank among the copies routed to its expert (in copy order, what a stable
+        # sort by expert gives) from a running count per expert: no sort, whose GPU lowering
+        # is several kernel launches per layer.
+        onehot = jax.nn.one_hot(flat_e, e, dtype=jnp.int32)  # [n, E]
+        seen = jnp.cumsum(onehot, axis=0)  # copies so far per expert, this one included
+        sizes = seen[-1]
+        rank = jnp.sum(seen * onehot, axis=1) - 1
         padded = (sizes + m - 1) // m * m
         pend = jnp.cumsum(padded)
-        se = flat_e[order]
-        # padded row of each sorted copy: its expert's padded start + its rank within the expert
-        row_sorted = (pend - padded)[se] + jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[se]
-        row = jnp.zeros(n, jnp.int32).at[order].set(row_sorted.astype(jnp.int32), unique_indices=True)
+        # padded row of each copy: its expert's padded start + its rank within the expert
+        row = ((pend - padded)[flat_e] + rank).astype(jnp.int32)
         src = jnp.full(tiles * m, n, jnp.int32).at[row].set(jnp.arange(n, dtype=jnp.int32), unique_indices=True)
         # Padding rows point past the end and read zeros; every real row is read once, so
         # each gradient is the inverse gather (``gather_rows``), and the k copies of a token
         # sum by a reshape.
         xp = gather_rows(jnp.repeat(x, k, axis=0), src, row).reshape(tiles, m, d)
-        block_e = jnp.minimum(jnp.searchsorted(pend, jnp.arange(tiles) * m, side="right"), e - 1)
+        # compare_all: E comparisons per block. The default binary search is a loop, which
+        # XLA runs as host-driven iterations (one per bit of E) in every layer of every step.
+        block_e = jnp.minimum(jnp.searchsorted(pend, jnp.arange(tiles) * m, side="right", method="compare_all"),
+                              e - 1)
         oh = jax.nn.one_hot(block_e, e, dtype=self.dtype)  # [tiles, E]
 
         backend = self.cfg.kernel if kernel_ok else "xla"

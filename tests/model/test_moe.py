@@ -301,3 +301,23 @@ def test_gather_rows_gradient_is_the_inverse_gather(seed):
     hlo = jax.jit(jax.grad(ours)).lower(x).as_text()
     assert "scatter" not in hlo
     assert "scatter" in jax.jit(jax.grad(plain)).lower(x).as_text()  # what it replaces
+
+
+def test_blocked_routing_has_no_loop_or_sort():
+    """The blocked routing places copies by a running count and finds each block's expert by
+    comparisons: its compiled step (forward and backward) holds no while loop, which XLA
+    drives from the host one iteration at a time, and no sort."""
+    moe = make(e=8, k=2)
+    x = jax.random.normal(jax.random.key(3), (64, 8))
+    gd, params = nnx.split(moe, nnx.Param)
+
+    def loss(p, x):
+        y, aux = nnx.merge(gd, p)(x, routing="blocked")
+        return jnp.sum(y ** 2) + sum(aux.values())
+
+    hlo = jax.jit(jax.grad(loss)).lower(params, x).as_text()
+    assert "stablehlo.while" not in hlo
+    assert "stablehlo.sort" not in hlo
+    # what the default binary search would have put there
+    pend = jnp.arange(1, 9)
+    assert "stablehlo.while" in jax.jit(lambda v: jnp.searchsorted(pend, v, side="right")).lower(jnp.arange(5)).as_text()
