@@ -92,6 +92,11 @@ def _table_lookup_fwd(table, idx):
 
 def _table_lookup_bwd(res, g):
     table, idx = res
+    # Every layer looks up the same indices. Without the barrier XLA computes the comparison
+    # [..., T] once for all of them and stores it (a 1 GB boolean array at the `base` shape,
+    # written once and read by each layer's sum); tied to this call's gradient it is fused
+    # into this call's sum and never stored.
+    idx, g = jax.lax.optimization_barrier((idx, g))
     hit = idx[..., None] == jnp.arange(table.shape[0], dtype=idx.dtype)
     dt = jnp.sum(jnp.where(hit, g[..., None].astype(jnp.float32), 0.0), axis=tuple(range(idx.ndim)))
     return dt.astype(table.dtype), None

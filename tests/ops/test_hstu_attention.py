@@ -269,3 +269,22 @@ def test_remat_recomputes_scores_with_equal_values_and_gradients(seed):
     text = str(jax.make_jaxpr(jax.grad(loss, argnums=0), static_argnums=(5,))(q, k, v, pos, tb, True))
     assert "remat" in text or "checkpoint" in text, "the backward should recompute the forward"
     assert "remat" not in str(jax.make_jaxpr(jax.grad(loss, argnums=0), static_argnums=(5,))(q, k, v, pos, tb, False))
+
+
+def test_table_lookup_gradient_with_indices_shared_between_lookups():
+    """Two lookups of one index array (as every layer does with the time buckets): each
+    table's gradient is its own compare-and-sum, equal to numpy's bincount."""
+    rng = np.random.default_rng(4)
+    idx = jnp.asarray(rng.integers(0, 9, (3, 5, 5)), jnp.int32)
+    w1, w2 = (jnp.asarray(rng.standard_normal((3, 5, 5)), jnp.float32) for _ in range(2))
+    t1, t2 = (jnp.asarray(rng.standard_normal(9), jnp.float32) for _ in range(2))
+
+    def loss(t1, t2):
+        return jnp.sum(jnp.sin(ops.table_lookup(t1, idx)) * w1) + jnp.sum(ops.table_lookup(t2, idx) ** 2 * w2)
+
+    g1, g2 = jax.jit(jax.grad(loss, argnums=(0, 1)))(t1, t2)
+    i = np.asarray(idx).ravel()
+    want1 = np.bincount(i, (np.cos(np.asarray(t1)[i]) * np.asarray(w1).ravel()).astype(np.float64), minlength=9)
+    want2 = np.bincount(i, (2 * np.asarray(t2)[i] * np.asarray(w2).ravel()).astype(np.float64), minlength=9)
+    np.testing.assert_allclose(g1, want1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g2, want2, rtol=1e-5, atol=1e-5)
