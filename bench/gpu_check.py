@@ -154,6 +154,12 @@ ATTN_CASES = [
     ("B2 N1024 H2 D128 pos-only", "bfloat16", "max_len", 2, 1024, 2, 128, 128, [1024, 513], False, True, False),
     ("B3 N300 H2 D128 time-only", "bfloat16", "causal_count", 3, 300, 2, 128, 128, [300, 1, 299], False, False,
      True),
+    # from GROUP_MIN_LEN = 2048 events the kernels launch block-fastest; without a bias the
+    # forward's first configuration issues the next key block's scores early (EARLY_S)
+    ("B2 N2048 H2 D128 no-rab grouped", "bfloat16", "max_len", 2, 2048, 2, 128, 128, [2048, 1500], False, False,
+     False),
+    ("B2 N2100 H2 D64 full-rab targets grouped", "bfloat16", "causal_count", 2, 2100, 2, 64, 64, [2100, 1337], True,
+     True, True),
 ]
 
 
