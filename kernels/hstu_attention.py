@@ -151,6 +151,18 @@ def _block_of_program(GROUPED: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(PTR, rows, offs_d, ROW_STRIDE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """PTR[rows, :D] as a [len(rows), BLOCK_D] tile, rows all valid (no row mask); the
+    head-dim mask only when BLOCK_D pads D."""
+    ptrs = PTR + rows[:, None] * ROW_STRIDE + offs_d[None, :]
+    if D == BLOCK_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    return x
+
+
+@triton.jit
 def _fwd_range(
     acc, q, offs_m, pos_m, qts_m,  # [BM, BDV] f32, [BM, BDQK], [BM], [BM], [BM]
     lo, hi, hist,
@@ -174,20 +186,14 @@ def _fwd_range(
         bias_scale = 0.5
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)  # [BN] key rows
-        k_ptrs = K + offs_n[:, None] * (H * DQK) + offs_dqk[None, :]
-        v_ptrs = V + offs_n[:, None] * (H * DV) + offs_dv[None, :]
         if MASK == 0:
-            if DQK == BLOCK_DQK:
-                k = tl.load(k_ptrs)  # [BN, BDQK]
-            else:
-                k = tl.load(k_ptrs, mask=offs_dqk[None, :] < DQK, other=0.0)
-            if DV == BLOCK_DV:
-                v = tl.load(v_ptrs)  # [BN, BDV]
-            else:
-                v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
+            k = _load_rows(K, offs_n, offs_dqk, H * DQK, DQK, BLOCK_DQK)  # [BN, BDQK]
+            v = _load_rows(V, offs_n, offs_dv, H * DV, DV, BLOCK_DV)  # [BN, BDV]
         else:
-            k = tl.load(k_ptrs, mask=(offs_n < hi)[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_n < hi)[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            k = tl.load(K + offs_n[:, None] * (H * DQK) + offs_dqk[None, :],
+                        mask=(offs_n < hi)[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+            v = tl.load(V + offs_n[:, None] * (H * DV) + offs_dv[None, :],
+                        mask=(offs_n < hi)[:, None] & (offs_dv[None, :] < DV), other=0.0)
         # x = s, or s / 2 for the tanh form (see _silu_pre): scale and bias_scale fold the 1/2 in
         x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BM, BN] f32
         if HAS_POS:
@@ -213,18 +219,6 @@ def _fwd_range(
             a = tl.where(vis, a, 0.0)
         acc = tl.dot(a.to(v.dtype), v, acc, input_precision=PRECISION)  # [BM, BDV]
     return acc
-
-
-@triton.jit
-def _load_rows(PTR, rows, offs_d, ROW_STRIDE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """PTR[rows, :D] as a [len(rows), BLOCK_D] tile, rows all valid (no row mask); the
-    head-dim mask only when BLOCK_D pads D."""
-    ptrs = PTR + rows[:, None] * ROW_STRIDE + offs_d[None, :]
-    if D == BLOCK_D:
-        x = tl.load(ptrs)
-    else:
-        x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
-    return x
 
 
 @triton.jit
