@@ -368,7 +368,7 @@ async def run_rate(client: RawClient, rate: float, args, work: Workload) -> dict
         "status_504": sum(s == 504 for s, _, _ in records),
         "other_errors": sum(s not in (200, 503, 504) for s, _, _ in records),
         "generator_dropped": dropped,
-        "error_kinds": sorted({k for s, _, k in records if s != 200}),
+        "error_kinds": dict(sorted(collections.Counter(k for s, _, k in records if s != 200).items())),
         "statuses": {str(k): v for k, v in sorted(collections.Counter(s for s, _, _ in records).items())},
     }
 
@@ -402,7 +402,7 @@ async def run_all(url: str, args) -> list[dict]:
 
 
 HEADER = (f"{'offered/s':>10}{'sent':>7}{'achieved/s':>12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
-          f"{'srv p99':>9}{'503':>7}{'503 p99':>9}{'504':>6}{'other':>7}{'gen lag':>9}")
+          f"{'srv p99':>9}{'503':>7}{'503 p99':>9}{'504':>6}{'other':>7}{'gen lag':>9}  errors by type")
 
 
 def fmt(x, w, d=1):
@@ -417,7 +417,8 @@ def print_row(r):
     print(f"{r['offered_rps']:>10.0f}{r['sent']:>7}{r['achieved_rps']:>12.1f}{fmt(r['p50_ms'], 9)}"
           f"{fmt(r['p95_ms'], 9)}{fmt(r['p99_ms'], 9)}{fmt(r['server_p99_ms'], 9)}{r['status_503']:>7}"
           f"{fmt(r['p99_503_ms'], 9)}{r['status_504']:>6}{r['other_errors'] + r['generator_dropped']:>7}"
-          f"{r['generator_max_lag_ms']:>9.0f}", flush=True)
+          f"{r['generator_max_lag_ms']:>9.0f}  {' '.join(f'{k}:{v}' for k, v in r['error_kinds'].items())}",
+          flush=True)
 
 
 def plot(rows, path):

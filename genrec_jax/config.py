@@ -353,6 +353,10 @@ class ServeConfig:
     # device bounds it: long histories, beam search; each batch also waits for the one
     # before it); 1 runs them one at a time. Measured in README (Results, Serving).
     pipeline_depth: int = 1
+    # POST /v1/recommend and /v1/rank answered by a plain ASGI handler (serve/app.py:
+    # LeanRoutes) with the same validation, errors and metrics as the FastAPI routes, which
+    # still carry the OpenAPI schema and answer these paths when this is false.
+    lean_routes: bool = True
 
 
 @dataclasses.dataclass

@@ -30,10 +30,12 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
+import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genrec_jax.config import ServeConfig
@@ -173,7 +175,7 @@ class Service(LoopWatch):
     # ----------------------------------------------------------------- the routes' calls
 
     async def recommend(self, a: dict) -> dict:
-        """``a``: ``schemas.recommend_args``. The answer lacks ``latency_ms`` (the route adds it)."""
+        """``a``: ``schemas.request_args`` of a recommend request. The answer lacks ``latency_ms`` (the route adds it)."""
         engine = self.ready_engine()
         job = engine.recommend_job(a["history"], k=a["k"], mode=a["mode"], context=a["context"],
                                    exclude_history=a["exclude_history"], exclude_items=a["exclude_items"],
@@ -184,7 +186,7 @@ class Service(LoopWatch):
                 "model_version": engine.model_version}
 
     async def rank(self, a: dict) -> dict:
-        """``a``: ``schemas.rank_args``."""
+        """``a``: ``schemas.request_args`` of a rank request."""
         engine = self.ready_engine()
         job = engine.rank_job(a["history"], a["candidates"], context=a["context"], user_id=a["user_id"])
         res = await self.run(job, a["timeout_ms"])
@@ -260,8 +262,9 @@ def build_app(cfg: ServeConfig, backend: Any, metrics: RequestMetrics, *, lifesp
                   description="Generative recommender (HSTU encoder, retrieval / semantic-ID heads, M-FALCON ranking).")
     app.state.service = backend
     _install_error_handlers(app, metrics)
+    lean = LeanRoutes(backend, schemas, metrics, cfg.max_body_bytes) if cfg.lean_routes else None
     app.add_middleware(ServeMiddleware, limit=cfg.max_body_bytes, metrics=metrics, queue_full=queue_full,
-                       overloaded=backend.overloaded, max_inflight=max_inflight)
+                       overloaded=backend.overloaded, max_inflight=max_inflight, lean=lean)
 
     RecommendRequest, RankRequest = schemas.RecommendRequest, schemas.RankRequest
     AddItemsRequest = schemas.AddItemsRequest
@@ -269,14 +272,14 @@ def build_app(cfg: ServeConfig, backend: Any, metrics: RequestMetrics, *, lifesp
     @app.post("/v1/recommend", response_model=S.RecommendResponse, responses=ERROR_RESPONSES)
     async def recommend(req: RecommendRequest) -> Response:  # type: ignore[valid-type]
         t0 = time.perf_counter()
-        body = await backend.recommend(S.recommend_args(req))
+        body = await backend.recommend(S.request_args(req))
         body["latency_ms"] = 1e3 * (time.perf_counter() - t0)
         return JSONResponse(body)
 
     @app.post("/v1/rank", response_model=S.RankResponse, responses=ERROR_RESPONSES)
     async def rank(req: RankRequest) -> Response:  # type: ignore[valid-type]
         t0 = time.perf_counter()
-        body = await backend.rank(S.rank_args(req))
+        body = await backend.rank(S.request_args(req))
         body["latency_ms"] = 1e3 * (time.perf_counter() - t0)
         return JSONResponse(body)
 
@@ -334,26 +337,38 @@ def _error(status: int, kind: str, message: str, field: str | None = None, heade
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+def validation_failure(errs: list[dict]) -> tuple[int, str, str, str]:
+    """(status, kind, message, field) of a request that failed pydantic validation: 400 for a
+    body that is not JSON, else 422 naming the first invalid fields."""
+    bad_json = [e for e in errs if e.get("type") == "json_invalid"]
+    if bad_json:
+        why = (bad_json[0].get("ctx") or {}).get("error") or bad_json[0].get("msg") or "invalid JSON"
+        return 400, "invalid_json", f"body: not valid JSON ({why})", "body"
+    seen, msgs = set(), []
+    for e in errs:
+        field = _field_name(tuple(e.get("loc", ())))
+        if field in seen:
+            continue
+        seen.add(field)
+        msgs.append((field, e.get("msg", "invalid")))
+    return 422, "invalid_request", "; ".join(f"{f}: {m}" for f, m in msgs[:10]), msgs[0][0]
+
+
+def internal_failure(method: str, path: str, exc: BaseException) -> str:
+    """Log an unexpected exception with a reference; the client's message (no stack trace)."""
+    ref = uuid.uuid4().hex[:12]
+    log.error("internal error %s on %s %s", ref, method, path, exc_info=exc)
+    return f"internal error (reference {ref}); the server log has the details"
+
+
 def _install_error_handlers(app: FastAPI, metrics: RequestMetrics) -> None:
     count = lambda kind: metrics.errors.labels(kind).inc()  # noqa: E731
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        bad_json = [e for e in errs if e.get("type") == "json_invalid"]
-        if bad_json:
-            count("invalid_json")
-            why = (bad_json[0].get("ctx") or {}).get("error", "invalid JSON")
-            return _error(400, "invalid_json", f"body: not valid JSON ({why})", "body")
-        seen, msgs = set(), []
-        for e in errs:
-            field = _field_name(tuple(e.get("loc", ())))
-            if field in seen:
-                continue
-            seen.add(field)
-            msgs.append((field, e.get("msg", "invalid")))
-        count("invalid_request")
-        return _error(422, "invalid_request", "; ".join(f"{f}: {m}" for f, m in msgs[:10]), msgs[0][0])
+        status, kind, message, field = validation_failure(exc.errors())
+        count(kind)
+        return _error(status, kind, message, field)
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError):
@@ -363,6 +378,9 @@ def _install_error_handlers(app: FastAPI, metrics: RequestMetrics) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI could not decode the body (e.g. not UTF-8)
+            count("invalid_json")
+            return _error(400, "invalid_json", f"body: not valid JSON ({exc.detail})", "body")
         kind = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
         if exc.status_code != 413:  # ServeMiddleware counted it already
             count(kind)
@@ -370,10 +388,8 @@ def _install_error_handlers(app: FastAPI, metrics: RequestMetrics) -> None:
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
-        ref = uuid.uuid4().hex[:12]
-        log.error("internal error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
         count("internal")
-        return _error(500, "internal", f"internal error (reference {ref}); the server log has the details")
+        return _error(500, "internal", internal_failure(request.method, request.url.path, exc))
 
 
 # --------------------------------------------------------------------------- middleware
@@ -397,8 +413,10 @@ class ServeMiddleware:
     QUEUED = frozenset({"/v1/recommend", "/v1/rank"})
 
     def __init__(self, app, limit: int, metrics: ServeMetrics, queue_full: Callable[[], bool] = lambda: False,
-                 overloaded: Callable[[], bool] = lambda: False, max_inflight: int = 0):
+                 overloaded: Callable[[], bool] = lambda: False, max_inflight: int = 0,
+                 lean: "LeanRoutes | None" = None):
         self.app, self.limit, self.metrics, self.queue_full = app, limit, metrics, queue_full
+        self.lean = lean  # answers POST on QUEUED paths itself (serve.lean_routes)
         self.overloaded = overloaded
         self.max_inflight = max_inflight  # model requests admitted and not yet answered (0: no cap)
         self.inflight = 0
@@ -426,7 +444,10 @@ class ServeMiddleware:
             elif path in self.QUEUED:
                 self.inflight += 1  # one event loop: no lock needed
                 try:
-                    await self.app(scope, self._limited(receive), send_observed)
+                    if self.lean is not None and scope["method"] == "POST":
+                        await self.lean(scope, receive, send_observed)  # it applies the size limit itself
+                    else:
+                        await self.app(scope, self._limited(receive), send_observed)
                 finally:
                     self.inflight -= 1
             else:
@@ -484,3 +505,77 @@ def _is_json(ctype: str) -> bool:
 
 class _TooLarge(StarletteHTTPException):
     pass
+
+
+# --------------------------------------------------------------------------- lean routes
+
+
+class LeanRoutes:
+    """``POST /v1/recommend`` and ``POST /v1/rank`` answered as a plain ASGI handler, past the
+    framework's routing, dependency solving and response classes (``serve.lean_routes``).
+
+    Under load most of an HTTP process's CPU went to that machinery rather than to the
+    request (README, Known limits). This handler does the same work with less: it reads the
+    body under the size limit, validates it with the very pydantic model the FastAPI route
+    declares (``model_validate_json``: parsed and checked in one pass), calls the backend
+    with the same arguments (``schemas.request_args``), and writes the answer with orjson. Errors
+    leave in the same format, with the same status, type and field as through FastAPI
+    (tests send every malformed-request class, and random bodies, both ways); the wording
+    can differ (JSON mode says "array" where FastAPI's parsed-object validation says "list"). The FastAPI routes stay registered: they carry the
+    OpenAPI schema, and answer these paths when ``serve.lean_routes`` is false."""
+
+    def __init__(self, backend: Any, schemas: Any, metrics: RequestMetrics, limit: int):
+        self.routes = {"/v1/recommend": (schemas.RecommendRequest, backend.recommend),
+                       "/v1/rank": (schemas.RankRequest, backend.rank)}
+        self.metrics, self.limit = metrics, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        model, call = self.routes[scope["path"]]
+        try:
+            body = await self._body(receive)
+            if body is None:  # the client went away before sending it all
+                return
+            if not body:  # what FastAPI answers for a missing body
+                return await self._error(send, 422, "invalid_request", "body: Field required", "body")
+            try:
+                req = model.model_validate_json(body)
+            except ValidationError as e:
+                return await self._error(send, *validation_failure(e.errors(include_url=False)))
+            t0 = time.perf_counter()
+            out = await call(S.request_args(req))
+            out["latency_ms"] = 1e3 * (time.perf_counter() - t0)
+            await _send_json(send, 200, orjson.dumps(out))
+        except ServeError as e:
+            await self._error(send, e.status, e.kind, e.message, e.field)
+        except Exception as e:  # noqa: BLE001 -- logged with a reference; the client gets a 500 body
+            await self._error(send, 500, "internal", internal_failure(scope["method"], scope["path"], e))
+
+    async def _body(self, receive) -> bytes | None:
+        chunks, seen = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return None  # http.disconnect
+            chunk = msg.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                raise _Refused(413, "body_too_large", f"body: at most {self.limit} bytes")
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _error(self, send, status: int, kind: str, message: str, field: str | None = None) -> None:
+        self.metrics.errors.labels(kind).inc()
+        body: dict[str, Any] = {"type": kind, "message": message}
+        if field is not None:
+            body["field"] = field
+        await _send_json(send, status, orjson.dumps({"error": body}),
+                         retry_after=status == 503)
+
+
+async def _send_json(send, status: int, payload: bytes, retry_after: bool = False) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if retry_after:
+        headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})

@@ -11,29 +11,40 @@ from __future__ import annotations
 import types
 from typing import Annotated, Any, Literal, Optional, Union
 
+from typing_extensions import NotRequired, TypedDict
+
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from genrec_jax.config import ServeConfig
 
-ItemId = Union[Annotated[StrictStr, Field(min_length=1, max_length=256)], StrictInt]
+# str and int never both fit (strict types), so the first member that validates is the
+# answer: "left_to_right" skips smart mode's second try (a quarter of a history's time).
+ItemId = Annotated[Union[Annotated[StrictStr, Field(min_length=1, max_length=256)], StrictInt],
+                   Field(union_mode="left_to_right")]
 MAX_TIMESTAMP = 2**62
+Stamp = Annotated[StrictInt, Field(ge=0, le=MAX_TIMESTAMP)]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Event(_Strict):
-    item_id: ItemId = Field(description="External item id (as in GET /v1/items)")
-    action: Optional[Annotated[StrictStr, Field(max_length=64)]] = Field(
-        None, description="Action name (the checkpoint's action vocabulary); default 'view'")
-    timestamp: Optional[Annotated[StrictInt, Field(ge=0, le=MAX_TIMESTAMP)]] = Field(
-        None, description="Unix seconds; on every event or on none (then one second per event)")
+# Events and the context are TypedDicts, not models: validated straight into the plain
+# dicts the backend takes (a history of 256 events validated 2-3x faster than as models,
+# which then had to be dumped), with the same strictness, errors and JSON schema.
+class Event(TypedDict):
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+    item_id: Annotated[ItemId, Field(description="External item id (as in GET /v1/items)")]
+    action: NotRequired[Optional[Annotated[StrictStr, Field(
+        max_length=64, description="Action name (the checkpoint's action vocabulary); default 'view'")]]]
+    timestamp: NotRequired[Optional[Annotated[Stamp, Field(
+        description="Unix seconds; on every event or on none (then one second per event)")]]]
 
 
-class Context(_Strict):
-    timestamp: Optional[Annotated[StrictInt, Field(ge=0, le=MAX_TIMESTAMP)]] = Field(
-        None, description="Request time, unix seconds (default: the last event's time)")
+class Context(TypedDict):
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+    timestamp: NotRequired[Optional[Annotated[Stamp, Field(
+        description="Request time, unix seconds (default: the last event's time)")]]]
 
 
 class ScoredItem(BaseModel):
@@ -128,25 +139,15 @@ def build_schemas(cfg: ServeConfig) -> types.SimpleNamespace:
                                  AddItemsRequest=AddItemsRequest, NewItem=NewItem)
 
 
-def dump_events(events: list[Event]) -> list[dict[str, Any]]:
-    return [{"item_id": e.item_id, "action": e.action, "timestamp": e.timestamp} for e in events]
-
-
 # What a route hands its backend: plain, JSON-able dicts, so the same call runs in this
 # process or, in the multi-process server, travels to the engine process as one frame.
 
 
-def recommend_args(req: Any) -> dict[str, Any]:
-    return {"history": dump_events(req.history), "k": req.k, "mode": req.mode,
-            "context": req.context.model_dump() if req.context else None,
-            "exclude_history": req.exclude_history, "exclude_items": req.exclude_items,
-            "user_id": req.user_id, "timeout_ms": req.timeout_ms}
-
-
-def rank_args(req: Any) -> dict[str, Any]:
-    return {"history": dump_events(req.history), "candidates": req.candidates,
-            "context": req.context.model_dump() if req.context else None,
-            "user_id": req.user_id, "sort": req.sort, "timeout_ms": req.timeout_ms}
+def request_args(req: BaseModel) -> dict[str, Any]:
+    """A validated recommend or rank request as its backend's arguments: every field by name.
+    The values are plain already (events and context are TypedDicts, i.e. dicts; an event's
+    missing ``action`` / ``timestamp`` is absent, which the engine reads as None)."""
+    return dict(req.__dict__)
 
 
 def add_items_args(req: Any) -> dict[str, Any]:

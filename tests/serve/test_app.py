@@ -3,11 +3,14 @@ deadlines are refused fast; errors never leak stack traces."""
 
 import concurrent.futures
 import dataclasses
+import json
 import threading
 import time
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from genrec_jax.serve.app import create_app
 
@@ -332,3 +335,79 @@ def test_engine_start_freezes_the_heap(engine, serve_cfg):
         wait_ready(c)
         assert gc.get_freeze_count() > 0
     gc.unfreeze()
+
+
+# ----------------------------------------------------------------- lean routes = FastAPI routes
+
+
+@pytest.fixture(scope="module")
+def framework_client(engine, serve_cfg):
+    """The same app with serve.lean_routes off: POST /v1/recommend and /v1/rank through FastAPI."""
+    cfg = dataclasses.replace(serve_cfg, lean_routes=False)
+    with TestClient(create_app(cfg, engine), raise_server_exceptions=False) as c:
+        wait_ready(c)
+        yield c
+
+
+EDGE_BODIES = [
+    b"", b"   ", b"null", b'"text"', b"17", b"{}", b'{"history": null}', b'{"history": [null]}',
+    b'{"history": [{"item_id": ""}]}', b'{"history": [{"item_id": true}]}', b'{"history": [{"item_id": 3.0}]}',
+    b'{"history": [{"item_id": "i1", "timestamp": -1}]}', b'{"history": [{"item_id": "i1", "extra": 1}]}',
+    b'{"history": [{"item_id": "i1"}], "context": {"when": 3}}', b'{"history": [{"item_id": "i1"}], "context": 5}',
+    b'{"history": [{"item_id": "i1"}], "k": 2.5}', b'{"history": [{"item_id": "i1"}], "timeout_ms": 0}',
+    b'{"history": [{"item_id": "i1"}], "user_id": ""}', b'{"history": [{"item_id": "i1"}], "exclude_items": "i2"}',
+    b'{"history": [{"item_id": 999999}]}', b'{"history": [{"item_id": "i1"}], "k": 3, "candidates": ["i2"]}',
+    b'{"history": [{"item_id": "i1"}], "candidates": [5, "i2", null]}', b'\xff\xfe{"history"',
+    b'{"history": [{"item_id": "i1"}]}' + b" " * 19990,  # exactly past the 20,000-byte limit
+]
+
+
+def answer(r) -> tuple:
+    """What must match between the two paths: the status and the error's type and field. The
+    wording may differ: the lean routes validate the JSON text directly (pydantic's JSON
+    mode, "a valid array"), FastAPI the parsed object ("a valid list"); both messages start
+    with the field (``test_malformed_request_gets_4xx_naming_the_field``)."""
+    if r.status_code == 200:
+        return (200,)
+    err = r.json()["error"]
+    assert err["message"].startswith(err.get("field") or ""), err
+    return r.status_code, err["type"], err.get("field")
+
+
+@pytest.mark.parametrize("path", ["/v1/recommend", "/v1/rank"])
+def test_lean_routes_answer_as_the_framework_does(client, framework_client, path):
+    """Every malformed-request class and edge body above gets the same answer (``answer``)
+    from the lean routes as from the FastAPI routes; valid requests the same items."""
+    cases = [c for c in MALFORMED if c[2] == path and c[1] == "post"]
+    bodies = [c[3] if isinstance(c[3], bytes) else json.dumps(c[3]).encode() for c in cases] + EDGE_BODIES
+    for body in bodies:
+        got = [c.post(path, content=body, headers={"content-type": "application/json"})
+               for c in (client, framework_client)]
+        assert answer(got[0]) == answer(got[1]), (body[:80], got[0].text, got[1].text)
+        assert "Traceback" not in got[0].text
+    # no user_id: a second call for the same user would take the prefix cache (equal only to
+    # float rounding); both calls then run the same cold computation
+    ok = {"history": events(["i3", "i9", "i27"]), "context": {"timestamp": 1_700_010_000}}
+    ok.update(candidates=["i5", "i6", "i100"]) if path == "/v1/rank" else ok.update(k=5, exclude_history=True)
+    lean, framework = (c.post(path, json=ok) for c in (client, framework_client))
+    assert lean.status_code == framework.status_code == 200, (lean.text, framework.text)
+    assert lean.headers["content-type"] == "application/json"
+    a, b = lean.json(), framework.json()
+    assert a.pop("latency_ms") > 0 and b.pop("latency_ms") > 0
+    assert a == b
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(body=st.one_of(
+    st.binary(max_size=200),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                 lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+                     st.sampled_from(["history", "item_id", "k", "mode", "context", "timestamp", "action",
+                                      "candidates", "user_id", "sort", "x"]), inner, max_size=5),
+                 max_leaves=12).map(lambda v: json.dumps(v).encode())),
+    path=st.sampled_from(["/v1/recommend", "/v1/rank"]))
+def test_lean_routes_match_the_framework_on_random_bodies(client, framework_client, body, path):
+    got = [c.post(path, content=body, headers={"content-type": "application/json"})
+           for c in (client, framework_client)]
+    assert got[0].status_code < 500, got[0].text
+    assert answer(got[0]) == answer(got[1]), (body, got[0].text, got[1].text)
