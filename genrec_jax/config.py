@@ -315,6 +315,12 @@ class ServeConfig:
     # single-process server; with HTTP front ends (http_workers >= 2) each gets two of the
     # largest batches divided among them, at least 16 (serve/frontend.py: inflight_cap).
     max_inflight: int = 0
+    # Latency (ms, 90th percentile of admitted model requests, as the server measures them)
+    # that the in-flight limit adapts to hold past saturation: it shrinks below max_inflight
+    # (or the front ends' share, or in one process two of the largest batches) while answers
+    # are slower than this, and grows back when they are not (serve/app.py: InflightLimit).
+    # 0: the fixed cap alone. Set it above the p90 seen at light load.
+    target_latency_ms: float = 0.0
     # Python's GIL hand-over interval while the server runs (sys.setswitchinterval; 0 keeps
     # Python's 5 ms). The batcher thread's host work and the event loop share the GIL: each
     # time the loop waits on I/O the batcher may keep the GIL for up to this long.
@@ -488,6 +494,9 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     _check(0 <= s.gil_switch_interval_ms <= 100, "serve.gil_switch_interval_ms",
            "must be in [0, 100] (0 keeps Python's default of 5 ms)", source)
     _check(s.max_loop_lag_ms >= 0, "serve.max_loop_lag_ms", "must be >= 0 (0 turns lag shedding off)", source)
+    _check(s.max_inflight >= 0, "serve.max_inflight", f"must be >= 0 (0: no fixed cap), got {s.max_inflight}", source)
+    _check(s.target_latency_ms >= 0, "serve.target_latency_ms",
+           f"must be >= 0 (0: no adaptive in-flight limit), got {s.target_latency_ms}", source)
     _check(0 <= s.http_workers <= 256, "serve.http_workers",
            f"must be in [0, 256] (0 or 1: a single process), got {s.http_workers}", source)
     _check(sorted(s.extend_buckets) == list(s.extend_buckets) and all(b > 0 for b in s.extend_buckets),

@@ -249,22 +249,26 @@ def create_app(cfg: ServeConfig, engine: "Engine | Callable[[], Engine]", *,
         watcher.cancel()
         svc.stop()
 
-    return build_app(cfg, svc, metrics, lifespan=lifespan, queue_full=svc.queue_full, max_inflight=cfg.max_inflight)
+    # With a latency target and no fixed cap, the limit adapts under two of the largest batches.
+    cap = cfg.max_inflight or (max(16, 2 * max(cfg.batch_buckets)) if cfg.target_latency_ms > 0 else 0)
+    return build_app(cfg, svc, metrics, lifespan=lifespan, queue_full=svc.queue_full, max_inflight=cap)
 
 
 def build_app(cfg: ServeConfig, backend: Any, metrics: RequestMetrics, *, lifespan: Callable,
               queue_full: Callable[[], bool], max_inflight: int) -> FastAPI:
     """The public API over ``backend`` (``Service``, or ``frontend.RemoteEngine``): routes,
     schemas, error format, body limits and load shedding. ``queue_full``: refuse model
-    requests before parsing them; ``max_inflight``: the in-app cap (0: none)."""
+    requests before parsing them; ``max_inflight``: the in-app cap (0: none), under which the
+    limit adapts when ``serve.target_latency_ms`` is set (``InflightLimit``)."""
     schemas = S.build_schemas(cfg)
     app = FastAPI(title="genrec-jax recommendation service", version="1", lifespan=lifespan,
                   description="Generative recommender (HSTU encoder, retrieval / semantic-ID heads, M-FALCON ranking).")
     app.state.service = backend
     _install_error_handlers(app, metrics)
     lean = LeanRoutes(backend, schemas, metrics, cfg.max_body_bytes) if cfg.lean_routes else None
+    inflight = InflightLimit(max_inflight, cfg.target_latency_ms, metrics.inflight_limit)
     app.add_middleware(ServeMiddleware, limit=cfg.max_body_bytes, metrics=metrics, queue_full=queue_full,
-                       overloaded=backend.overloaded, max_inflight=max_inflight, lean=lean)
+                       overloaded=backend.overloaded, inflight_limit=inflight, lean=lean)
 
     RecommendRequest, RankRequest = schemas.RecommendRequest, schemas.RankRequest
     AddItemsRequest = schemas.AddItemsRequest
@@ -392,6 +396,79 @@ def _install_error_handlers(app: FastAPI, metrics: RequestMetrics) -> None:
         return _error(500, "internal", internal_failure(request.method, request.url.path, exc))
 
 
+# --------------------------------------------------------------------------- admission
+
+
+class InflightLimit:
+    """How many model requests (recommend, rank) may be admitted and unanswered at once.
+
+    Fixed (``serve.max_inflight``, or a front end's share, ``frontend.inflight_cap``), or,
+    with ``serve.target_latency_ms`` > 0, adapted between ``MIN`` and that cap so that the
+    admitted requests' latency stays near the target past saturation. Behind a saturated
+    engine the latency of what is admitted is about in-flight / throughput (Little's law),
+    so holding the in-flight count holds the latency; the rest is refused at once (503
+    "busy"). Answers are taken in windows (at least ``max(8, limit)`` answers and
+    ``WINDOW_S``):
+
+    * the window's 90th percentile over the target, and the in-flight count reached
+      ``BINDING`` of the limit during it (our own admissions are what queues): the limit
+      shrinks in proportion to the overshoot, at most by half;
+    * over the target with few requests in flight (a stall elsewhere, not queueing on what
+      was admitted): unchanged, so a hiccup at light load refuses nothing;
+    * under the target: it grows by a tenth, at least one, up to the cap.
+
+    A target below the unloaded latency would refuse most of the traffic: set it above the
+    p90 seen at light load."""
+
+    MIN = 4
+    WINDOW_S = 0.05
+    BINDING = 0.8
+
+    def __init__(self, cap: int, target_ms: float = 0.0, gauge: Any = None):
+        if target_ms < 0:
+            raise ValueError(f"serve.target_latency_ms must be >= 0, got {target_ms}")
+        if target_ms > 0 and cap <= 0:
+            raise ValueError("serve.target_latency_ms needs an in-flight cap to adapt under (serve.max_inflight)")
+        self.cap, self.target_s, self.gauge = cap, target_ms / 1e3, gauge
+        self.limit = float(cap)
+        self._window: list[float] = []
+        self._opened = 0.0
+        self._peak = 0  # most requests in flight since the window opened
+        self._publish()
+
+    def admits(self, inflight: int) -> bool:
+        """Whether one more may be admitted with ``inflight`` already in progress."""
+        ok = not self.cap or inflight < int(self.limit)
+        self._peak = max(self._peak, inflight + 1 if ok else inflight)
+        return ok
+
+    def observe(self, latency_s: float, now: float | None = None) -> None:
+        """One admitted request answered (200) after ``latency_s``; ``now``: a monotonic
+        clock in seconds (default ``time.perf_counter()``)."""
+        if not self.target_s:
+            return
+        now = time.perf_counter() if now is None else now
+        w = self._window
+        if not w:
+            self._opened = now
+        w.append(latency_s)
+        if len(w) < max(8, int(self.limit)) or now - self._opened < self.WINDOW_S:
+            return
+        w.sort()
+        p90 = w[(9 * (len(w) - 1)) // 10]
+        w.clear()
+        if p90 <= self.target_s:
+            self.limit = min(float(self.cap), self.limit + max(1.0, 0.1 * self.limit))
+        elif self._peak >= self.BINDING * int(self.limit):
+            self.limit = max(float(min(self.MIN, self.cap)), self.limit * max(0.5, self.target_s / p90))
+        self._peak = 0
+        self._publish()
+
+    def _publish(self) -> None:
+        if self.gauge is not None:
+            self.gauge.set(int(self.limit) if self.cap else 0)
+
+
 # --------------------------------------------------------------------------- middleware
 
 
@@ -413,12 +490,13 @@ class ServeMiddleware:
     QUEUED = frozenset({"/v1/recommend", "/v1/rank"})
 
     def __init__(self, app, limit: int, metrics: ServeMetrics, queue_full: Callable[[], bool] = lambda: False,
-                 overloaded: Callable[[], bool] = lambda: False, max_inflight: int = 0,
+                 overloaded: Callable[[], bool] = lambda: False, inflight_limit: InflightLimit | None = None,
                  lean: "LeanRoutes | None" = None):
         self.app, self.limit, self.metrics, self.queue_full = app, limit, metrics, queue_full
         self.lean = lean  # answers POST on QUEUED paths itself (serve.lean_routes)
         self.overloaded = overloaded
-        self.max_inflight = max_inflight  # model requests admitted and not yet answered (0: no cap)
+        # model requests admitted and not yet answered: how many may be (cap 0: no limit)
+        self.inflight_limit = inflight_limit or InflightLimit(0)
         self.inflight = 0
 
     async def __call__(self, scope, receive, send):
@@ -450,6 +528,8 @@ class ServeMiddleware:
                         await self.app(scope, self._limited(receive), send_observed)
                 finally:
                     self.inflight -= 1
+                if status[0] == 200:
+                    self.inflight_limit.observe(time.perf_counter() - t0)
             else:
                 await self.app(scope, self._limited(receive), send_observed)
         finally:
@@ -458,8 +538,9 @@ class ServeMiddleware:
 
     def _refusal(self, scope) -> ServeError | None:
         if scope["path"] in self.QUEUED:
-            if self.max_inflight and self.inflight >= self.max_inflight:
-                return _Refused(503, "busy", f"{self.inflight} requests in progress (serve.max_inflight); "
+            if not self.inflight_limit.admits(self.inflight):
+                return _Refused(503, "busy", f"{self.inflight} requests in progress (limit "
+                                f"{int(self.inflight_limit.limit)}: serve.max_inflight / serve.target_latency_ms); "
                                 "retry later", None)
             if self.queue_full():
                 return _Refused(503, "queue_full", "request queue full; retry later", None)

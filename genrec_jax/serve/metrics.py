@@ -32,6 +32,10 @@ class RequestMetrics:
         self.requests = Counter("genrec_requests", "Requests answered, by endpoint and HTTP status",
                                 ["endpoint", "status"], registry=r)
         self.errors = Counter("genrec_errors", "Error responses by class", ["error_class"], registry=r)
+        # "livesum": in multiprocess mode, the live front ends' limits added up
+        self.inflight_limit = Gauge("genrec_inflight_limit",
+                                    "Model requests that may be in progress at once (0: no limit; adapts with "
+                                    "serve.target_latency_ms)", registry=r, multiprocess_mode="livesum")
         # "livemax": in multiprocess mode, the most lagging live front end (ignored otherwise)
         self.loop_lag = Gauge("genrec_event_loop_lag_seconds",
                               "How late the HTTP event loop runs a 5 ms timer (load shedding above "
