@@ -46,5 +46,7 @@ fi
 if [[ ,$STEPS, == *,serve,* ]]; then
   step serve_engine "${STEP_LIMIT_SERVE:-300}" env GENREC_TRITON_AUTOTUNE=0 python3 bench/serve_engine.py --batch-buckets 1,8,32,128 \
     --iters 20 --max-seconds 15 --json "$OUT/serve_engine.json" --plot "$OUT/serve_engine.png"
+  step serve_frontend "${STEP_LIMIT_FRONTEND:-120}" python3 bench/serve_frontend.py --http --seconds 3 \
+    --json "$OUT/serve_frontend.json"
 fi
 exit $status
