@@ -23,6 +23,7 @@ the front-end processes start without it.
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import threading
@@ -261,14 +262,15 @@ def build_app(cfg: ServeConfig, backend: Any, metrics: RequestMetrics, *, lifesp
     requests before parsing them; ``max_inflight``: the in-app cap (0: none), under which the
     limit adapts when ``serve.target_latency_ms`` is set (``InflightLimit``)."""
     schemas = S.build_schemas(cfg)
-    app = FastAPI(title="genrec-jax recommendation service", version="1", lifespan=lifespan,
-                  description="Generative recommender (HSTU encoder, retrieval / semantic-ID heads, M-FALCON ranking).")
+    app = ServeApp(title="genrec-jax recommendation service", version="1", lifespan=lifespan,
+                   description="Generative recommender (HSTU encoder, retrieval / semantic-ID heads, M-FALCON ranking).")
     app.state.service = backend
     _install_error_handlers(app, metrics)
     lean = LeanRoutes(backend, schemas, metrics, cfg.max_body_bytes) if cfg.lean_routes else None
     inflight = InflightLimit(max_inflight, cfg.target_latency_ms, metrics.inflight_limit)
-    app.add_middleware(ServeMiddleware, limit=cfg.max_body_bytes, metrics=metrics, queue_full=queue_full,
-                       overloaded=backend.overloaded, inflight_limit=inflight, lean=lean)
+    app.front = ServeMiddleware(functools.partial(FastAPI.__call__, app), limit=cfg.max_body_bytes, metrics=metrics,
+                                queue_full=queue_full, overloaded=backend.overloaded, inflight_limit=inflight,
+                                lean=lean)
 
     RecommendRequest, RankRequest = schemas.RecommendRequest, schemas.RankRequest
     AddItemsRequest = schemas.AddItemsRequest
@@ -470,6 +472,22 @@ class InflightLimit:
 
 
 # --------------------------------------------------------------------------- middleware
+
+
+class ServeApp(FastAPI):
+    """The FastAPI app with ``ServeMiddleware`` in front of all of it: a request meets our
+    middleware (limits, shedding, metrics, the lean routes) first, and only what it passes on
+    goes through FastAPI's own middleware stack (error handler, telemetry, body limit) and
+    routing. Registered with ``add_middleware`` it ran inside that stack, which then wrapped
+    every lean request for nothing. Our middleware's own failures never leave as a stack
+    trace: the lean routes answer their errors themselves, everything else is handled
+    inside."""
+
+    front: "ServeMiddleware"
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.front(scope, receive, send)
+
 
 
 class ServeMiddleware:
