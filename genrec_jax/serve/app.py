@@ -617,11 +617,12 @@ class LeanRoutes:
     request (README, Known limits). This handler does the same work with less: it reads the
     body under the size limit, validates it with the very pydantic model the FastAPI route
     declares (``model_validate_json``: parsed and checked in one pass), calls the backend
-    with the same arguments (``schemas.request_args``), and writes the answer with orjson. Errors
-    leave in the same format, with the same status, type and field as through FastAPI
+    with the same arguments (``schemas.request_args``), and writes the answer with orjson.
+    Errors leave in the same format, with the same status, type and field as through FastAPI
     (tests send every malformed-request class, and random bodies, both ways); the wording
-    can differ (JSON mode says "array" where FastAPI's parsed-object validation says "list"). The FastAPI routes stay registered: they carry the
-    OpenAPI schema, and answer these paths when ``serve.lean_routes`` is false."""
+    can differ (JSON mode says "array" where FastAPI's validation of the parsed object says
+    "list"). The FastAPI routes stay registered: they carry the OpenAPI schema, and answer
+    these paths when ``serve.lean_routes`` is false."""
 
     def __init__(self, backend: Any, schemas: Any, metrics: RequestMetrics, limit: int):
         self.routes = {"/v1/recommend": (schemas.RecommendRequest, backend.recommend),

@@ -11,9 +11,8 @@ from __future__ import annotations
 import types
 from typing import Annotated, Any, Literal, Optional, Union
 
-from typing_extensions import NotRequired, TypedDict
-
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from typing_extensions import NotRequired, TypedDict  # pydantic needs these, not typing's, before 3.12
 
 from genrec_jax.config import ServeConfig
 
