@@ -363,6 +363,12 @@ class ServeConfig:
     # LeanRoutes) with the same validation, errors and metrics as the FastAPI routes, which
     # still carry the OpenAPI schema and answer these paths when this is false.
     lean_routes: bool = True
+    # With HTTP front ends: each keeps a copy of the catalogue (fetched from the engine
+    # process once it is ready) and parses histories and rank candidates itself, sending the
+    # engine process packed internal ids (serve/ipc.py). The engine process runs under one
+    # interpreter lock, so its per-event parsing bounded its request rate. Costs each front
+    # end the catalogue's ids in memory (about 100 bytes per item). false: the engine parses.
+    resolve_in_frontends: bool = True
 
 
 @dataclasses.dataclass

@@ -40,6 +40,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genrec_jax.config import ServeConfig
+from genrec_jax.serve import ipc
 from genrec_jax.serve import schemas as S
 from genrec_jax.serve.batcher import Batcher
 from genrec_jax.serve.errors import DeadlineExceeded, NotReady, ServeError
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     from genrec_jax.serve.engine import Engine
 
 log = logging.getLogger("genrec_jax.serve")
+
+CATALOG_PAGE = 50_000  # external ids per ``catalog`` page (a few hundred KB of JSON)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": S.ErrorBody, "description": desc} for code, desc in [
@@ -92,6 +95,18 @@ class LoopWatch:
         """The event loop lags more than ``serve.max_loop_lag_ms`` (shed new model requests)."""
         limit = self.max_loop_lag_ms
         return limit > 0 and self.loop_lag_s * 1e3 > limit
+
+
+def rank_answer(a: dict, scores: dict[str, list[float]], model_version: str) -> dict:
+    """A rank request's answer from its candidates (``a["candidates"]``) and their scores
+    per task in the same order; sorted by the first task when ``a["sort"]``."""
+    names = list(scores)
+    cols = [scores[n] for n in names]
+    items = [{"item_id": str(c), "scores": dict(zip(names, row))} for c, row in zip(a["candidates"], zip(*cols))]
+    if a["sort"]:
+        key = names[0]
+        items.sort(key=lambda it: -it["scores"][key])
+    return {"items": items, "model_version": model_version}
 
 
 class Service(LoopWatch):
@@ -175,10 +190,18 @@ class Service(LoopWatch):
 
     # ----------------------------------------------------------------- the routes' calls
 
+    def _history(self, engine: "Engine", a: dict):
+        """The request's events, or the History a front end resolved (``ipc.pack_history``)."""
+        packed = a.get("packed")
+        if packed is None:
+            return a["history"]
+        return ipc.unpack_history(packed, max_events=self.cfg.max_history_len, num_items=len(engine.catalog),
+                                  num_actions=len(engine.catalog.action_names))
+
     async def recommend(self, a: dict) -> dict:
         """``a``: ``schemas.request_args`` of a recommend request. The answer lacks ``latency_ms`` (the route adds it)."""
         engine = self.ready_engine()
-        job = engine.recommend_job(a["history"], k=a["k"], mode=a["mode"], context=a["context"],
+        job = engine.recommend_job(self._history(engine, a), k=a["k"], mode=a["mode"], context=a["context"],
                                    exclude_history=a["exclude_history"], exclude_items=a["exclude_items"],
                                    user_id=a["user_id"])
         rec = await self.run(job, a["timeout_ms"])
@@ -187,17 +210,28 @@ class Service(LoopWatch):
                 "model_version": engine.model_version}
 
     async def rank(self, a: dict) -> dict:
-        """``a``: ``schemas.request_args`` of a rank request."""
+        """``a``: ``schemas.request_args`` of a rank request. With ``packed_candidates`` (a
+        front end resolved them) the answer is ``{"scores": {task: [float]}}`` in candidate
+        order, and the front end builds the items (``rank_answer``)."""
         engine = self.ready_engine()
-        job = engine.rank_job(a["history"], a["candidates"], context=a["context"], user_id=a["user_id"])
+        packed = a.get("packed_candidates")
+        resolved = None if packed is None else ipc.unpack_ids(packed, max_ids=self.cfg.max_candidates,
+                                                               num_items=len(engine.catalog))
+        job = engine.rank_job(self._history(engine, a), a["candidates"], context=a["context"], user_id=a["user_id"],
+                              resolved=resolved)
         res = await self.run(job, a["timeout_ms"])
-        names = list(res.scores)
-        items = [{"item_id": str(c), "scores": {n: float(res.scores[n][i]) for n in names}}
-                 for i, c in enumerate(a["candidates"])]
-        if a["sort"]:
-            key = names[0]
-            items.sort(key=lambda it: -it["scores"][key])
-        return {"items": items, "model_version": engine.model_version}
+        if resolved is not None:
+            return {"scores": {n: v.tolist() for n, v in res.scores.items()}, "model_version": engine.model_version}
+        return rank_answer(a, {n: v.tolist() for n, v in res.scores.items()}, engine.model_version)
+
+    async def catalog_page(self, a: dict) -> dict:
+        """A page of the catalogue for a front end's copy: external ids ``offset + 1 ..`` in
+        internal-id order, the action names, and the total."""
+        engine = self.ready_engine()
+        cat = engine.catalog
+        offset, limit = int(a.get("offset", 0)), int(a.get("limit", CATALOG_PAGE))
+        return {"items": [x for _, x in cat.page(offset, limit)], "total": len(cat),
+                "actions": list(cat.action_names)}
 
     async def add_items(self, a: dict) -> dict:
         """``a``: ``schemas.add_items_args``."""

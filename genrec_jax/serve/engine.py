@@ -390,15 +390,18 @@ class Engine:
         return RecommendJob(h, int(k), mode, exclude, user_id)
 
     def rank_job(self, history: Sequence[Mapping] | History, candidates: Sequence[Any], *,
-                 context: Mapping | None = None, user_id: str | None = None) -> RankJob:
+                 context: Mapping | None = None, user_id: str | None = None,
+                 resolved: np.ndarray | None = None) -> RankJob:
+        """``resolved``: the candidates' internal ids, already looked up (``candidates`` is
+        then ignored)."""
         self._require_head("rank")
-        n = len(candidates)
+        n = len(candidates) if resolved is None else len(resolved)
         if n == 0:
             raise RequestError("candidates", "must hold at least one item")
         if n > self.cfg.max_candidates:
             raise RequestError("candidates", f"{n} items; at most {self.cfg.max_candidates}")
         h = self._history(history, context)
-        cand = self.catalog.internals(candidates, "candidates")
+        cand = self.catalog.internals(candidates, "candidates") if resolved is None else resolved
         return RankJob(h, cand, user_id)
 
     def _require_head(self, head: str) -> None:

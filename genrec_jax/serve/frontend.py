@@ -31,8 +31,10 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, generate_latest
 
 from genrec_jax.config import ServeConfig
-from genrec_jax.serve.app import LoopWatch, build_app, freeze_heap
-from genrec_jax.serve.errors import ServeError
+from genrec_jax.serve import ipc
+from genrec_jax.serve.app import CATALOG_PAGE, LoopWatch, build_app, freeze_heap, rank_answer
+from genrec_jax.serve.errors import RequestError, ServeError
+from genrec_jax.serve.inputs import Catalog, parse_history
 from genrec_jax.serve.ipc import EngineClient, frame_limit
 from genrec_jax.serve.metrics import RequestMetrics
 
@@ -42,6 +44,7 @@ log = logging.getLogger("genrec_jax.serve")
 # waiting this much later, for an engine that does not answer at all.
 DEADLINE_GRACE_S = 0.25
 CONTROL_TIMEOUT_S = 5.0  # readiness, catalogue pages, metrics
+CATALOG_RETRY_S = 0.5  # while the engine compiles: how often a front end asks for the catalogue
 ADD_ITEMS_TIMEOUT_S = 600.0  # a registration recompiles the generate step
 
 
@@ -60,22 +63,80 @@ def inflight_cap(cfg: ServeConfig) -> int:
 
 
 class RemoteEngine(LoopWatch):
-    """``app.Service``'s calls, answered by the engine process."""
+    """``app.Service``'s calls, answered by the engine process.
+
+    With ``serve.resolve_in_frontends`` it keeps ``catalog``, a copy of the engine's
+    catalogue (``load_catalog``), and sends what it can resolve with it packed
+    (``resolve``, ``ipc.pack_history``)."""
 
     def __init__(self, cfg: ServeConfig, client: EngineClient, metrics: RequestMetrics):
         super().__init__(cfg.max_loop_lag_ms)
         self.cfg, self.client = cfg, client
         self.on_lag = metrics.loop_lag.set
         self._exposition = _exposition_registry(metrics)
+        self.catalog: Catalog | None = None
+        self._catalog_gauge = metrics.catalog_copy
+        self._catalog_gauge.set(0)
 
     def _deadline_s(self, a: dict) -> float:
         return min(a.get("timeout_ms") or self.cfg.timeout_ms, self.cfg.timeout_ms) / 1e3 + DEADLINE_GRACE_S
 
+    async def load_catalog(self) -> None:
+        """Copy the engine's catalogue, page by page, once it is ready (retrying while it
+        compiles). Requests before that, or if it fails, go unresolved: slower, not wrong."""
+        while True:
+            try:
+                first = await self.client.call("catalog", {"offset": 0, "limit": CATALOG_PAGE}, CONTROL_TIMEOUT_S)
+                ids = list(first["items"])
+                while len(ids) < first["total"]:
+                    page = await self.client.call("catalog", {"offset": len(ids), "limit": CATALOG_PAGE},
+                                                  CONTROL_TIMEOUT_S)
+                    if not page["items"]:
+                        break
+                    ids += page["items"]
+                break
+            except ServeError as e:
+                if e.status < 500:  # not "still loading" or unreachable: refused, so do without
+                    log.warning("front end %d works without a catalogue copy: %s", os.getpid(), e.message)
+                    return
+                await asyncio.sleep(CATALOG_RETRY_S)
+        # Internal id i is ids[i - 1]; items registered later extend the engine's list only.
+        self.catalog = Catalog(["<pad>", *ids], first["actions"])
+        self._catalog_gauge.set(len(ids))
+        log.info("front end %d resolves requests itself: a copy of %d catalogue items", os.getpid(), len(ids))
+
+    def resolve(self, a: dict, candidates: bool = False) -> dict:
+        """``a`` with its history (and rank candidates) packed as internal ids, where the
+        catalogue copy knows every one and the engine would accept them; otherwise (an item
+        registered since the copy, or any invalid field) ``a`` as it is, for the engine to
+        parse and to name the error."""
+        cat = self.catalog
+        if cat is None:
+            return a
+        ctx = a.get("context")
+        try:
+            h = parse_history(a["history"], cat, max_history_len=self.cfg.max_history_len,
+                              request_ts=None if not ctx else ctx.get("timestamp"))
+        except RequestError:
+            return a
+        out = dict(a, history=None, packed=ipc.pack_history(h))
+        if candidates and 0 < len(a["candidates"]) <= self.cfg.max_candidates:
+            try:
+                out["packed_candidates"] = ipc.pack_ids(cat.internals(a["candidates"], "candidates"))
+                out["candidates"] = None
+            except RequestError:
+                pass
+        return out
+
     async def recommend(self, a: dict) -> dict:
-        return await self.client.call("recommend", a, self._deadline_s(a))
+        return await self.client.call("recommend", self.resolve(a), self._deadline_s(a))
 
     async def rank(self, a: dict) -> dict:
-        return await self.client.call("rank", a, self._deadline_s(a))
+        sent = self.resolve(a, candidates=True)
+        answer = await self.client.call("rank", sent, self._deadline_s(a))
+        if "packed_candidates" in sent:  # the engine sent scores only: the items are built here
+            return rank_answer(a, answer["scores"], answer["model_version"])
+        return answer
 
     async def add_items(self, a: dict) -> dict:
         return await self.client.call("add_items", a, ADD_ITEMS_TIMEOUT_S)
@@ -118,10 +179,14 @@ def create_frontend_app(cfg: ServeConfig, client: EngineClient) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        watcher = asyncio.get_running_loop().create_task(remote.watch_loop())
+        loop = asyncio.get_running_loop()
+        watcher = loop.create_task(remote.watch_loop())
+        copier = loop.create_task(remote.load_catalog()) if cfg.resolve_in_frontends else None
         freeze_heap()  # the app, its schemas and imports: out of the collector's full passes
         yield
         watcher.cancel()
+        if copier is not None:
+            copier.cancel()
         await client.close()
 
     # The engine's queue is in another process: a full one is refused there, at once.

@@ -17,11 +17,22 @@ object ends that connection with ``FrameError`` before anything is allocated for
 ``EngineClient`` (front end) sends them and matches the answers by id. Errors the engine
 raises on purpose travel as their HTTP status and body and are raised again in the front
 end (``RemoteError``), so a client sees what the single-process server would answer.
+
+Resolved requests. Once a front end holds a copy of the catalogue (``catalog`` operation,
+fetched in pages when the engine is ready), it parses a request's history itself, with the
+engine's own ``parse_history``, and sends the result as packed arrays (``"packed"``: the
+internal item ids, action ids and timestamps as base64 of their bytes, and the request
+time; rank candidates likewise as ``"packed_candidates"``). The engine process then does no
+per-event work: it runs under one interpreter lock, so that work bounded how many requests
+it could take. A history the copy cannot resolve (an item registered after the copy was
+taken, or any invalid field) travels as the client wrote it, and the engine parses it and
+answers any error exactly as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import logging
 import os
@@ -29,10 +40,12 @@ import struct
 import uuid
 from typing import Any
 
+import numpy as np
 import orjson
 
 from genrec_jax.config import ServeConfig
 from genrec_jax.serve.errors import DeadlineExceeded, EngineUnavailable, RemoteError, ServeError
+from genrec_jax.serve.inputs import History
 
 log = logging.getLogger("genrec_jax.serve")
 
@@ -93,6 +106,66 @@ async def read_frame(reader: asyncio.StreamReader, limit: int) -> dict | None:
     return decode_payload(data)
 
 
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(a.tobytes()).decode("ascii")
+
+
+def _unb64(s: Any, dtype, what: str) -> np.ndarray:
+    if not isinstance(s, str):
+        raise RemoteError(400, "bad_frame", f"packed {what} must be a base64 string")
+    try:
+        raw = base64.b64decode(s, validate=True)
+    except ValueError:
+        raise RemoteError(400, "bad_frame", f"packed {what} is not base64") from None
+    if len(raw) % np.dtype(dtype).itemsize:
+        raise RemoteError(400, "bad_frame", f"packed {what} is not a whole number of {np.dtype(dtype).name}")
+    return np.frombuffer(raw, dtype)
+
+
+def _bounds(a: np.ndarray) -> tuple[int, int]:
+    """(min, max) of a non-empty array; for short ones through a memoryview, cheaper than
+    two numpy reductions."""
+    if len(a) <= 256:
+        m = memoryview(a)
+        return min(m), max(m)
+    return int(a.min()), int(a.max())
+
+
+def pack_history(h: History) -> list:
+    """A parsed history as a frame value (see the module docstring)."""
+    return [_b64(h.items.astype(np.int32, copy=False)), _b64(h.actions.astype(np.int32, copy=False)),
+            _b64(h.timestamps.astype(np.int64, copy=False)), int(h.request_ts)]
+
+
+def unpack_history(obj: Any, *, max_events: int, num_items: int, num_actions: int) -> History:
+    """The engine's end of ``pack_history``. The front ends are our own processes, but the
+    arrays are still checked for what would make a wrong answer rather than an error: equal
+    lengths within the limit, item and action ids inside the catalogue."""
+    if not (isinstance(obj, list) and len(obj) == 4 and isinstance(obj[3], int)):
+        raise RemoteError(400, "bad_frame", "packed history must be [items, actions, timestamps, request time]")
+    items = _unb64(obj[0], np.int32, "items")
+    actions = _unb64(obj[1], np.int32, "actions")
+    ts = _unb64(obj[2], np.int64, "timestamps")
+    n = len(items)
+    if not (0 < n <= max_events and len(actions) == n and len(ts) == n):
+        raise RemoteError(400, "bad_frame", f"packed history of {n}/{len(actions)}/{len(ts)} events")
+    (i_lo, i_hi), (a_lo, a_hi) = _bounds(items), _bounds(actions)
+    if i_lo < 1 or i_hi > num_items or a_lo < 0 or a_hi >= num_actions:
+        raise RemoteError(400, "bad_frame", "packed history names an item or action outside the catalogue")
+    return History(items, actions, ts, obj[3])
+
+
+def pack_ids(ids: np.ndarray) -> str:
+    return _b64(ids.astype(np.int32, copy=False))
+
+
+def unpack_ids(obj: Any, *, max_ids: int, num_items: int) -> np.ndarray:
+    ids = _unb64(obj, np.int32, "ids")
+    if not 0 < len(ids) <= max_ids or not (1 <= _bounds(ids)[0] and _bounds(ids)[1] <= num_items):
+        raise RemoteError(400, "bad_frame", f"packed ids: {len(ids)}, or outside the catalogue")
+    return ids
+
+
 def _error_reply(rid: Any, e: ServeError) -> dict:
     return {"id": rid, "error": {"status": e.status, **e.to_dict()}}
 
@@ -118,7 +191,8 @@ class EngineServer:
         self._tasks: set[asyncio.Task] = set()
         self.connections = 0
         self.ops = {"recommend": service.recommend, "rank": service.rank, "add_items": service.add_items,
-                    "list_items": service.list_items, "ready": self._ready, "metrics": self._metrics}
+                    "list_items": service.list_items, "catalog": service.catalog_page, "ready": self._ready,
+                    "metrics": self._metrics}
 
     async def start(self) -> "EngineServer":
         self._server = await asyncio.start_unix_server(self._serve, path=self.path)

@@ -36,6 +36,11 @@ class RequestMetrics:
         self.inflight_limit = Gauge("genrec_inflight_limit",
                                     "Model requests that may be in progress at once (0: no limit; adapts with "
                                     "serve.target_latency_ms)", registry=r, multiprocess_mode="livesum")
+        # "livemin": in multiprocess mode, the front end with the smallest copy (0 until all have one)
+        self.catalog_copy = Gauge("genrec_frontend_catalog_items",
+                                  "Items in the HTTP front ends' catalogue copies, which resolve requests before "
+                                  "the engine process (serve.resolve_in_frontends; 0: not yet, or off)",
+                                  registry=r, multiprocess_mode="livemin")
         # "livemax": in multiprocess mode, the most lagging live front end (ignored otherwise)
         self.loop_lag = Gauge("genrec_event_loop_lag_seconds",
                               "How late the HTTP event loop runs a 5 ms timer (load shedding above "

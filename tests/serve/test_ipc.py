@@ -80,7 +80,7 @@ class FakeService:
             raise RuntimeError("secret internal detail")
         return {"echo": a["n"]}
 
-    rank = add_items = list_items = recommend
+    rank = add_items = list_items = catalog_page = recommend
 
     async def readiness(self):
         return 200, {"status": "ready"}

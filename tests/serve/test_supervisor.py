@@ -83,9 +83,22 @@ class Running:
         assert not [p for p in pids if alive(p)], "front ends outlived their supervisor"
 
 
+def wait_catalog_copies(url: str, timeout: float = 30.0) -> int:
+    """Wait until every front end resolves requests with a catalogue copy; its size."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith("genrec_frontend_catalog_items ") and float(line.split()[1]) > 0:
+                return int(float(line.split()[1]))
+        time.sleep(0.1)
+    raise AssertionError("the front ends did not copy the catalogue")
+
+
 @pytest.fixture(scope="module")
 def mp(engine, serve_cfg):
     run = Running(serve_cfg, engine)
+    # Every request below then travels resolved (packed ids) where the copy knows its items.
+    assert wait_catalog_copies(run.url) == len(engine.catalog)
     yield run
     run.stop()
 
