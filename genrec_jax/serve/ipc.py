@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import itertools
 import logging
 import os
@@ -114,8 +115,8 @@ def _unb64(s: Any, dtype, what: str) -> np.ndarray:
     if not isinstance(s, str):
         raise RemoteError(400, "bad_frame", f"packed {what} must be a base64 string")
     try:
-        raw = base64.b64decode(s, validate=True)
-    except ValueError:
+        raw = binascii.a2b_base64(s, strict_mode=True)  # strict: only the alphabet, padded
+    except ValueError:  # binascii.Error, and non-ASCII text
         raise RemoteError(400, "bad_frame", f"packed {what} is not base64") from None
     if len(raw) % np.dtype(dtype).itemsize:
         raise RemoteError(400, "bad_frame", f"packed {what} is not a whole number of {np.dtype(dtype).name}")
