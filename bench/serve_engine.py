@@ -4,8 +4,11 @@ optimisation off.
 
 For each mode -- ``recommend`` (retrieval head top-k), ``generative`` (trie-constrained
 beam search over semantic IDs), ``rank`` (M-FALCON, --rank-candidates per request) and
-``returning`` (recommend for users whose K/V prefix is cached, --new-events new events) --
-and each batch size B, the engine runs batches of B requests back to back:
+``returning`` (recommend for users whose K/V prefix is cached, --new-events new events) and
+``new-users`` (recommend with a user id never seen before: the whole history is encoded into
+the prefix cache's K/V pool, then the retrieval step reads the pool; the path of HTTP load
+that names users, where ``recommend`` without a user id runs one fused step) -- and each
+batch size B, the engine runs batches of B requests back to back:
 
     latency    = wall time of one batch (every request of it answers then), p50 / p99
     throughput = B / mean batch time  (requests/s)
@@ -52,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--rank-candidates", type=int, default=1000)
     p.add_argument("--rank-micro-batch", type=int, default=256)
     p.add_argument("--new-events", type=int, default=2, help="returning users: events since their last request")
-    p.add_argument("--modes", default="recommend,generative,rank,returning")
+    p.add_argument("--modes", default="recommend,generative,rank,returning,new-users")
     p.add_argument("--iters", type=int, default=30, help="timed batches per (mode, batch size)")
     p.add_argument("--pipeline", default="1",
                    help="comma list of pipeline depths to time (serve.pipeline_depth): 1 runs each batch to "
@@ -205,6 +208,8 @@ def make_jobs(engine, mode, b, args, seed, it):
     hs = histories(b, args.history_len, engine.num_items, seed * 1000 + it)
     if mode == "rank":
         return [RankJob(h, rng.integers(1, engine.num_items + 1, args.rank_candidates).astype(np.int32)) for h in hs]
+    if mode == "new-users":
+        return [RecommendJob(h, args.k, user_id=f"new-{seed}-{it}-{i}") for i, h in enumerate(hs)]
     kind = "generative" if mode.startswith("generative") else "retrieval"
     return [RecommendJob(h, args.k, kind, np.unique(h.items) if mode.endswith("-excl") else np.zeros(0, np.int32))
             for h in hs]
@@ -235,6 +240,8 @@ def time_engine(engine, mode, b, args, seed):
             hs = histories(b, L, n_items, seed * 1000 + it)
             if mode == "rank":
                 jobs = [RankJob(h, c) for h, c in zip(hs, cands)]
+            elif mode == "new-users":  # a fresh id each: encoded into the K/V pool, then retrieval
+                jobs = [RecommendJob(h, args.k, user_id=f"new-{seed}-{it}-{i}") for i, h in enumerate(hs)]
             else:  # "<mode>-excl": each request also excludes its own history items
                 kind = "generative" if mode.startswith("generative") else "retrieval"
                 jobs = [RecommendJob(h, args.k, kind, np.unique(h.items) if mode.endswith("-excl") else
