@@ -162,7 +162,8 @@ def pack_ids(ids: np.ndarray) -> str:
 
 def unpack_ids(obj: Any, *, max_ids: int, num_items: int) -> np.ndarray:
     ids = _unb64(obj, np.int32, "ids")
-    if not 0 < len(ids) <= max_ids or not (1 <= _bounds(ids)[0] and _bounds(ids)[1] <= num_items):
+    lo, hi = _bounds(ids) if len(ids) else (0, 0)
+    if not 0 < len(ids) <= max_ids or lo < 1 or hi > num_items:
         raise RemoteError(400, "bad_frame", f"packed ids: {len(ids)}, or outside the catalogue")
     return ids
 
