@@ -204,6 +204,11 @@ class ModelConfig:
     # (jax.checkpoint) instead of keeping them from the forward; the Triton kernels always
     # recompute.
     attention_remat: bool = False
+    # XLA attention only: blocks of this many queries, each scored against the keys up to
+    # the block's end instead of all N (causal attention sees no later key): (C + 1) / (2 C)
+    # of the [N, N] score work with C blocks. Same outputs up to float summation order.
+    # 0 = the dense [N, N] form.
+    attention_query_block: int = 128
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     multiscale: MultiScaleConfig = dataclasses.field(default_factory=MultiScaleConfig)
     tasks: TaskHeadsConfig = dataclasses.field(default_factory=TaskHeadsConfig)
@@ -412,6 +417,8 @@ def validate(cfg: Config, source: str = "<config>") -> Config:
     for key, val in [("model.dropout", m.dropout), ("model.attn_dropout", m.attn_dropout)]:
         _check(0.0 <= val < 1.0, key, f"must be in [0, 1), got {val}", source)
     _check(m.temperature > 0, "model.temperature", "must be > 0", source)
+    _check(m.attention_query_block >= 0, "model.attention_query_block",
+           "must be >= 0 (0 = the dense [N, N] attention)", source)
     if m.arch == "sasrec":
         _check(
             m.embed_dim % m.num_heads == 0,

@@ -74,6 +74,7 @@ class Recommender(nnx.Module):
                         rab_position=cfg.rab_position, rab_time=cfg.rab_time,
                         num_time_buckets=cfg.num_time_buckets, rngs=rngs, dtype=self.dtype,
                         backend=cfg.attention_backend, remat_attention=cfg.attention_remat,
+                        query_block=cfg.attention_query_block,
                         make_norm=make_norm, ffn=ffn,
                     )
                 )

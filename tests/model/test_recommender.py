@@ -244,3 +244,16 @@ def test_encode_last_equals_last_state_of_full_pass(name, seed):
     for g, w in zip(got_caches, want_caches):
         np.testing.assert_allclose(np.asarray(g.k), np.asarray(w.k), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(g.v), np.asarray(w.v), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_query_blocks_leave_the_encoder_unchanged():
+    """``model.attention_query_block`` (XLA attention in blocks of queries) is a different
+    schedule of the same model: same parameters, same encoder outputs."""
+    rng = np.random.default_rng(3)
+    b = jnp_batch(random_batch(rng, 3, 16, lengths=[16, 9, 1]))
+    _, dense = encoder("hstu", ("model.attention_query_block=0",))
+    model, blocked = encoder("hstu", ("model.attention_query_block=5",))
+    assert all(layer.query_block == 5 for layer in model.layers)
+    want, got = np.asarray(dense(b)), np.asarray(blocked(b))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

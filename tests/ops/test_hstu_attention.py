@@ -14,7 +14,7 @@ from genrec_jax.ops import hstu_attention as ops
 from genrec_jax.ops.hstu_attention import resolve_backend, time_bucket
 
 
-def _jit(fn, static=("alpha", "max_len", "norm", "backend")):
+def _jit(fn, static=("alpha", "max_len", "norm", "backend", "query_block")):
     """jit with the scalar options static: one compile per shape instead of slow op-by-op runs."""
 
     @functools.lru_cache(maxsize=None)
@@ -288,3 +288,90 @@ def test_table_lookup_gradient_with_indices_shared_between_lookups():
     want2 = np.bincount(i, (2 * np.asarray(t2)[i] * np.asarray(w2).ravel()).astype(np.float64), minlength=9)
     np.testing.assert_allclose(g1, want1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(g2, want2, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------- query blocks (XLA path)
+
+
+@given(
+    b=st.integers(1, 3), n=st.integers(2, 14), block=st.integers(1, 8), h=st.integers(1, 2),
+    norm=st.sampled_from(["max_len", "causal_count"]), with_targets=st.booleans(), with_bias=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_query_blocks_match_float64_numpy(b, n, block, h, norm, with_targets, with_bias, seed):
+    """Blocks of queries against the keys up to each block's end: the same attention as the
+    definition, for every block size (uneven last blocks, blocks of 1, ragged lengths)."""
+    rng = np.random.default_rng(seed)
+    q, k, v, ts, qts = random_inputs(rng, b, n, h, 4, 6)
+    lengths = rng.integers(1, n + 1, b).astype(np.int32)
+    targets = np.minimum(rng.integers(0, 3, b), lengths - 1).astype(np.int32) if with_targets else None
+    pos_bias = rng.standard_normal(n + 1).astype(np.float32) * 0.5 if with_bias else None
+    time_bias = rng.standard_normal(16).astype(np.float32) * 0.5 if with_bias else None
+    got = hstu_attention(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths), alpha=0.3, max_len=n, norm=norm,
+        num_targets=None if targets is None else jnp.asarray(targets),
+        pos_bias=None if pos_bias is None else jnp.asarray(pos_bias),
+        time_bias=None if time_bias is None else jnp.asarray(time_bias),
+        timestamps=jnp.asarray(ts) if with_bias else None, query_timestamps=jnp.asarray(qts) if with_bias else None,
+        backend="xla", query_block=block,
+    )
+    want = numpy_hstu(q, k, v, lengths, alpha=0.3, max_len=n, norm=norm, num_targets=targets,
+                      pos_bias=pos_bias, time_bias=time_bias, ts=ts, qts=qts)
+    got = np.asarray(got, np.float64)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block,with_targets,remat", [(4, False, False), (5, True, False), (3, True, True)])
+def test_query_blocks_gradients_equal_dense(block, with_targets, remat):
+    """Gradients w.r.t. q, k, v and both bias tables equal the dense form's (float32, 1e-5)."""
+    rng = np.random.default_rng(block)
+    b, n, h, d = 3, 13, 2, 8
+    q, k, v, ts, qts = (jnp.asarray(x) for x in random_inputs(rng, b, n, h, d, d))
+    lengths = jnp.asarray([n, 7, 1], jnp.int32)
+    nt = jnp.asarray([3, 2, 0], jnp.int32) if with_targets else None
+    pos = jnp.asarray(rng.standard_normal(n + 1).astype(np.float32))
+    tb = jnp.asarray(rng.standard_normal(16).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((b, n, h, d)).astype(np.float32))
+
+    def loss(q, k, v, pos, tb, qb):
+        out = ops.hstu_attention(q, k, v, lengths, max_len=n, norm="causal_count", num_targets=nt, pos_bias=pos,
+                                 time_bias=tb, timestamps=ts, query_timestamps=qts, backend="xla", remat=remat,
+                                 query_block=qb)
+        return jnp.sum(out * w)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), static_argnums=(5,))
+    dense, blocked = grad(q, k, v, pos, tb, 0), grad(q, k, v, pos, tb, block)
+    for name, a, c in zip(("q", "k", "v", "pos_bias", "time_bias"), dense, blocked):
+        c = np.asarray(c)
+        assert np.all(np.isfinite(c)), name
+        np.testing.assert_allclose(c, np.asarray(a), rtol=1e-5, atol=1e-6, err_msg=name)
+        assert np.any(np.asarray(a) != 0), name  # the comparison is not between zeros
+
+
+def test_query_blocks_never_build_a_full_score_matrix():
+    """With blocks, no intermediate of the forward or backward has the [N, N] score shape,
+    and the score elements computed are (C + 1) / (2 C) of the dense form's."""
+    b, n, h, d, block = 2, 64, 2, 6, 16  # d differs from every score dimension
+    rng = np.random.default_rng(0)
+    q, k, v, ts, qts = (jnp.asarray(x) for x in random_inputs(rng, b, n, h, d, d))
+    lengths = jnp.asarray([n, 40], jnp.int32)
+    pos, tb = jnp.zeros((n + 1,)), jnp.zeros((16,))
+
+    def loss(q, k, v, pos, tb, qb):
+        return jnp.sum(ops.hstu_attention(q, k, v, lengths, max_len=n, pos_bias=pos, time_bias=tb, timestamps=ts,
+                                          query_timestamps=qts, backend="xla", query_block=qb))
+
+    def score_elements(qb):
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), static_argnums=(5,))(q, k, v, pos, tb, qb)
+        shapes = [var.aval.shape for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "dot_general"
+                  for var in eqn.outvars]
+        scores = [s for s in shapes if len(s) == 4 and s[:2] == (b, h) and d not in s[2:]]  # [B, H, q, k]
+        return scores, sum(int(np.prod(s)) for s in scores)
+
+    dense_shapes, dense = score_elements(0)
+    blocked_shapes, blocked = score_elements(block)
+    assert (b, h, n, n) in dense_shapes
+    assert all(s[2] <= block and s[3] <= n for s in blocked_shapes), blocked_shapes
+    c = n // block
+    assert blocked * 2 * c == dense * (c + 1)
