@@ -259,10 +259,11 @@ def hstu_attention_blocked(
     contribute exact zeros to it: dropping them changes nothing but the order of the float
     sums. With C blocks the score tensors (products, bias, SiLU, mask, and all of their
     gradients) shrink to (C + 1) / (2 C) of the dense [N, N] form: 62.5% at N = 512 in blocks
-    of 128. Every block is a static slice, so shapes stay static under jit.
+    of 128. Every block is a static slice, so shapes stay static under jit; a symbolic
+    sequence length (shape-polymorphic export) takes the dense form.
     """
     n = q.shape[1]
-    if block <= 0 or n <= block:
+    if block <= 0 or not isinstance(n, int) or n <= block:  # symbolic lengths (ONNX export): dense
         return hstu_attention_reference(
             q, k, v, lengths, alpha=alpha, max_len=max_len, norm=norm, num_targets=num_targets,
             pos_bias=pos_bias, time_bias=time_bias, timestamps=timestamps, query_timestamps=query_timestamps)
@@ -387,7 +388,7 @@ def hstu_attention(
             heads,
         )
     xla = hstu_attention_reference
-    if query_block > 0 and q.shape[1] > query_block:
+    if query_block > 0 and isinstance(q.shape[1], int) and q.shape[1] > query_block:
         xla = functools.partial(hstu_attention_blocked, block=int(query_block))
     if remat:  # the arrays stay arguments of the checkpointed function; the scalars are bound
         static = {name: kwargs.pop(name) for name in ("alpha", "max_len", "norm")}
