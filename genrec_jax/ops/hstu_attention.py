@@ -59,11 +59,13 @@ def token_positions(lengths: jax.Array, n: int, num_targets: jax.Array | None) -
 
 
 def attention_mask(
-    lengths: jax.Array, n: int, num_targets: jax.Array | None = None
+    lengths: jax.Array, n: int, num_targets: jax.Array | None = None, rows: tuple[int, int] | None = None
 ) -> jax.Array:
-    """Boolean [B, N, N] mask (query i, key j) for self-attention over padded sequences."""
-    i = jnp.arange(n)[:, None]
-    j = jnp.arange(n)[None, :]
+    """Boolean [B, N, N] mask (query i, key j) for self-attention over padded sequences;
+    with ``rows=(s, e)`` only queries s..e-1 against keys 0..e-1, [B, e - s, e]."""
+    s, e = rows or (0, n)
+    i = jnp.arange(s, e)[:, None]
+    j = jnp.arange(e)[None, :]
     valid_k = j < lengths[:, None, None]
     valid_q = i < lengths[:, None, None]
     mask = (j <= i) & valid_k & valid_q
@@ -145,27 +147,30 @@ def self_attention_bias(
     q_time: jax.Array | None,  # [B, N]
     k_time: jax.Array | None,  # [B, N]
     time_bias: jax.Array | None,
+    rows: tuple[int, int] | None = None,
 ) -> jax.Array | None:
     """rab(i, j) of self-attention over N tokens, [B or 1, 1, N, N]; equal to
     ``relative_bias`` on ``token_positions`` (tested) but without a scatter in its gradient.
+    With ``rows=(s, e)``: queries s..e-1 against keys 0..e-1 only, [B or 1, 1, e - s, e].
 
     Without targets the position part is one Toeplitz matrix shared by the batch. With
     M-FALCON targets (history length h), rows i < h are that matrix and every candidate row
     is pos_bias[clip(h - j)] (keys j >= h give relative position 0 either way).
     """
+    s, e = rows or (0, n)
     out = None
     if pos_bias is not None:
-        toe = toeplitz_position_bias(pos_bias, n)[None]  # [1, N, N]
+        toe = toeplitz_position_bias(pos_bias, n)[None, s:e, :e]  # [1, Q, K]
         if num_targets is None:
             out = toe
         else:
             hist = (lengths - num_targets)[:, None]  # [B, 1]
-            j = jnp.arange(n)[None, :]
-            row_h = pos_bias[jnp.clip(hist - j, 0, pos_bias.shape[0] - 1)]  # [B, N]
-            is_hist_row = jnp.arange(n)[None, :, None] < hist[:, :, None]  # [B, N, 1]
+            j = jnp.arange(e)[None, :]
+            row_h = pos_bias[jnp.clip(hist - j, 0, pos_bias.shape[0] - 1)]  # [B, K]
+            is_hist_row = jnp.arange(s, e)[None, :, None] < hist[:, :, None]  # [B, Q, 1]
             out = jnp.where(is_hist_row, toe, row_h[:, None, :])
     if time_bias is not None:
-        out = _add(out, _time_bias(q_time, k_time, time_bias))
+        out = _add(out, _time_bias(q_time[:, s:e], k_time[:, :e], time_bias))
     return None if out is None else out[:, None, :, :]
 
 
@@ -267,32 +272,13 @@ def hstu_attention_blocked(
         return hstu_attention_reference(
             q, k, v, lengths, alpha=alpha, max_len=max_len, norm=norm, num_targets=num_targets,
             pos_bias=pos_bias, time_bias=time_bias, timestamps=timestamps, query_timestamps=query_timestamps)
-    toe = toeplitz_position_bias(pos_bias, n) if pos_bias is not None else None  # [N, N], built once
-    row_h = None
-    if pos_bias is not None and num_targets is not None:
-        hist = (lengths - num_targets)[:, None]  # [B, 1]
-        row_h = pos_bias[jnp.clip(hist - jnp.arange(n)[None, :], 0, pos_bias.shape[0] - 1)]  # [B, N]
-    i_all = jnp.arange(n)
     outs = []
     for s, e in query_blocks(n, block):
-        i = i_all[s:e][:, None]  # [Q, 1]
-        j = i_all[:e][None, :]  # [1, K]: keys up to the block's last query
-        mask = (j <= i) & (j < lengths[:, None, None]) & (i < lengths[:, None, None])  # [B, Q, K]
-        if num_targets is not None:
-            hist3 = (lengths - num_targets)[:, None, None]
-            mask = mask & ((j < hist3) | (i == j))
-        bias = None
-        if toe is not None:
-            blk = toe[s:e, :e][None]  # [1, Q, K]
-            if row_h is not None:
-                is_hist_row = i[None] < (lengths - num_targets)[:, None, None]  # [B, Q, 1]
-                blk = jnp.where(is_hist_row, blk, row_h[:, None, :e])
-            bias = blk
-        if time_bias is not None:
-            bias = _add(bias, _time_bias(query_timestamps[:, s:e], timestamps[:, :e], time_bias))
-        outs.append(hstu_attention_dense(
-            q[:, s:e], k[:, :e], v[:, :e], mask, None if bias is None else bias[:, None],
-            alpha=alpha, norm=norm, max_len=max_len))
+        mask = attention_mask(lengths, n, num_targets, rows=(s, e))  # [B, Q, K]
+        bias = self_attention_bias(n, lengths, num_targets, pos_bias, query_timestamps, timestamps, time_bias,
+                                   rows=(s, e))
+        outs.append(hstu_attention_dense(q[:, s:e], k[:, :e], v[:, :e], mask, bias, alpha=alpha, norm=norm,
+                                         max_len=max_len))
     return jnp.concatenate(outs, axis=1)
 
 
