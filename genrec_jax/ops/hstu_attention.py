@@ -199,7 +199,10 @@ def hstu_attention_dense(
 ) -> jax.Array:
     """The reference math on an explicit mask and bias; returns [B, Nq, H, Dv]."""
     dtype = q.dtype
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * alpha
+    # Results in the inputs' dtype (accumulation is float32 inside the product either way). A
+    # float32 result would give every product of the backward pass a float32 operand (its
+    # cotangent); with bfloat16 inputs all six products stay bfloat16 (README, Results).
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=dtype).astype(jnp.float32) * alpha
     if bias is not None:
         s = s + bias.astype(jnp.float32)
     a = jax.nn.silu(s)
@@ -210,8 +213,7 @@ def hstu_attention_dense(
     else:
         count = jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1).astype(jnp.float32)
         a = a / count
-    out = jnp.einsum("bhqk,bkhd->bqhd", a.astype(dtype), v, preferred_element_type=jnp.float32)
-    return out.astype(dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", a.astype(dtype), v, preferred_element_type=dtype)
 
 
 def hstu_attention_reference(

@@ -360,9 +360,12 @@ def test_query_blocks_gradients_equal_dense(block, with_targets, remat, norm, bi
 @settings(max_examples=12, deadline=None, phases=[Phase.generate])
 @given(n=st.integers(2, 40), block=st.integers(1, 16), with_targets=st.booleans(), seed=st.integers(0, 10_000))
 def test_query_blocks_bfloat16_gradients_near_float32(n, block, with_targets, seed):
-    """In bfloat16 the blocked form's gradients stay within 3% (of each tensor's largest
-    entry) of the float32 dense reference's on the same inputs, for any lengths, block size
-    and targets."""
+    """In bfloat16 the blocked form's gradients of q, k, v and the position table stay within
+    3% (of each tensor's largest entry) of the float32 dense reference's on the same inputs,
+    for any lengths, block size and targets. A time-bias entry sums dS over every pair in its
+    bucket, with cancellation, so its bfloat16 error has no bound relative to the result; it
+    is compared with the dense form's in bfloat16 instead, where blocking changes only the
+    order of float32 sums."""
     rng = np.random.default_rng(seed)
     b, h, d = 2, 2, 16
     q, k, v, ts, qts = (jnp.asarray(x) for x in random_inputs(rng, b, n, h, d, d))
@@ -380,11 +383,15 @@ def test_query_blocks_bfloat16_gradients_near_float32(n, block, with_targets, se
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), static_argnums=(5,))
     bf = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
     want = grad(*(x.astype(jnp.float32) for x in bf), pos, tb, 0)  # float32 on the same (rounded) inputs
+    dense_bf16 = grad(*bf, pos, tb, 0)
     got = grad(*bf, pos, tb, block)
-    for name, a, c in zip(("q", "k", "v", "pos_bias", "time_bias"), want, got):
-        a, c = np.asarray(a, np.float64), np.asarray(c.astype(jnp.float32), np.float64)
+    for name, a, a16, c in zip(("q", "k", "v", "pos_bias", "time_bias"), want, dense_bf16, got):
+        a, a16, c = (np.asarray(x.astype(jnp.float32), np.float64) for x in (a, a16, c))
         assert np.all(np.isfinite(c)), name
-        np.testing.assert_allclose(c, a, atol=0.03 * np.max(np.abs(a)) + 1e-6, rtol=0, err_msg=name)
+        if name == "time_bias":
+            np.testing.assert_allclose(c, a16, atol=1e-4 * np.max(np.abs(a16)) + 1e-6, rtol=0, err_msg=name)
+        else:
+            np.testing.assert_allclose(c, a, atol=0.03 * np.max(np.abs(a)) + 1e-6, rtol=0, err_msg=name)
 
 
 def test_query_blocks_never_build_a_full_score_matrix():
