@@ -103,7 +103,7 @@ def generate_synthetic(
     ).astype(np.float32)
 
     lengths = rng.integers(min_len, max_len + 1, size=num_users)
-    items = _walk(
+    items, walk_cluster = _walk(
         rng, lengths, item_cluster, popularity, successors, preference, main, markov_weight, cluster_stickiness
     )
     match = _taste_match(rng, items, item_cluster, main, secondary)
@@ -135,6 +135,13 @@ def generate_synthetic(
             "item_cluster": item_cluster,
             "successors": successors,
             "item_popularity_weight": popularity,  # planted (not observed) popularity, row 0 = 0
+            # The latent state of the walk, for next_item_probabilities: the user's current
+            # cluster when each event was drawn (aligned with sequences.items), the users'
+            # preference over clusters, and the walk's parameters.
+            "event_cluster": walk_cluster[mask],
+            "user_preference": preference,
+            "markov_weight": float(markov_weight),
+            "cluster_stickiness": float(cluster_stickiness),
             # What generate_cold_start_items needs to draw more items like these.
             "cluster_category_probs": feature_dists["category"],
             "cluster_tag_probs": feature_dists["tag"],
@@ -284,7 +291,8 @@ def _walk(
     markov_weight: float,
     stickiness: float,
 ) -> np.ndarray:
-    """Item ids [U, max_len] (positions past a user's length are filled but unused)."""
+    """Item ids [U, max_len] and the current cluster each was drawn under [U, max_len]
+    (positions past a user's length are filled but unused)."""
     num_users, num_clusters = preference.shape
     max_len = int(lengths.max())
     members, cdf = _cluster_popularity_tables(item_cluster, popularity, num_clusters)
@@ -297,6 +305,8 @@ def _walk(
     u_drift, u_markov, u_pick, u_cluster = rng.random((4, num_users, max_len))
     current = main.copy()
     items = np.zeros((num_users, max_len), np.int64)
+    clusters = np.zeros((num_users, max_len), np.int64)
+    clusters[:, 0] = current
     items[:, 0] = _draw_from_clusters(members, cdf, current, u_pick[:, 0])
     for t in range(1, max_len):
         # Re-draw the current cluster from the user's preference: the cluster then follows a
@@ -308,7 +318,47 @@ def _walk(
         from_successors = successors[items[:, t - 1], slot]
         from_cluster = _draw_from_clusters(members, cdf, current, u_pick[:, t])
         items[:, t] = np.where(markov, from_successors, from_cluster)
-    return items
+        clusters[:, t] = current
+    return items, clusters
+
+
+def next_item_probabilities(
+    dataset: Dataset, users: np.ndarray, prev_items: np.ndarray, clusters: np.ndarray
+) -> np.ndarray:
+    """The walk's exact next-item distribution, float64 [n, num_items + 1] (column 0 = 0).
+
+    Row r is P(next item | user ``users[r]``, previous item ``prev_items[r]``, current cluster
+    ``clusters[r]`` when that item was drawn), as ``_walk`` draws it: with probability
+    1 - stickiness the cluster is re-drawn from the user's preference and the item comes from
+    it by popularity; otherwise, with probability ``markov_weight``, the item is the previous
+    one's k-th successor (weights ``_SUCCESSOR_WEIGHTS``), else a popularity draw from the
+    current cluster. Knowing the generator's parameters and latent cluster, ranking by this
+    is the best any recommender can do on the data (the Bayes ceiling of HR@k); passing the
+    previous item's own cluster instead gives the ceiling without the latent state.
+    """
+    ex = dataset.extras
+    needed = ("item_cluster", "successors", "item_popularity_weight", "user_preference", "markov_weight",
+              "cluster_stickiness")
+    if any(key not in ex for key in needed):
+        raise ValueError("next_item_probabilities needs a data set made by generate_synthetic")
+    users, prev_items, clusters = (np.asarray(a, np.int64) for a in (users, prev_items, clusters))
+    if not users.shape == prev_items.shape == clusters.shape or users.ndim != 1:
+        raise ValueError("users, prev_items and clusters must be 1-D arrays of one length")
+    item_cluster, popularity = ex["item_cluster"], ex["item_popularity_weight"]
+    preference = ex["user_preference"]
+    num_clusters = preference.shape[1]
+    if clusters.size and (clusters.min() < 0 or clusters.max() >= num_clusters):
+        raise ValueError(f"clusters must lie in 0..{num_clusters - 1}")
+    # Popularity draw from each cluster: [C, N + 1].
+    in_cluster = item_cluster[None, :] == np.arange(num_clusters)[:, None]
+    from_cluster = np.where(in_cluster, popularity[None, :], 0.0)
+    from_cluster /= from_cluster.sum(axis=1, keepdims=True)
+    stay, markov = ex["cluster_stickiness"], ex["markov_weight"]
+    probs = (1 - stay) * preference[users] @ from_cluster + stay * (1 - markov) * from_cluster[clusters]
+    successors = ex["successors"][prev_items]  # [n, S]
+    rows = np.repeat(np.arange(len(users)), successors.shape[1])
+    np.add.at(probs, (rows, successors.ravel()), np.tile(stay * markov * _SUCCESSOR_WEIGHTS, len(users)))
+    return probs
 
 
 def _cluster_popularity_tables(

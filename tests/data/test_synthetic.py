@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from genrec_jax.data.synthetic import generate_cold_start_items, generate_synthetic
+from genrec_jax.data.synthetic import generate_cold_start_items, generate_synthetic, next_item_probabilities
 from genrec_jax.data.types import ACTIONS, Dataset
 
 
@@ -52,6 +52,13 @@ def _check_valid(ds: Dataset, *, min_len: int, max_len: int, start_time: int) ->
     succ = ds.extras["successors"]
     assert succ.shape[0] == ds.num_items + 1 and not succ[0].any()
     assert succ[1:].min() >= 1 and succ.max() <= ds.num_items
+    assert ds.extras["event_cluster"].shape == seqs.items.shape
+    # The walk's next-item distribution is one wherever the walk went (any size of catalogue,
+    # one cluster or many), and gives every drawn item positive probability.
+    users, prev, clusters, nxt = _next_events(ds)
+    probs = next_item_probabilities(ds, users, prev, clusters)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    assert (probs[np.arange(len(nxt)), nxt] > 0).all()
 
 
 def test_shapes_dtypes_and_ranges(data: Dataset) -> None:
@@ -239,3 +246,90 @@ def test_any_valid_arguments_give_a_valid_data_set(
         start_time=0,
     )
     _check_valid(ds, min_len=min_len, max_len=min_len + extra_len, start_time=0)
+
+
+# --------------------------------------------------------------------------- the walk's own distribution
+
+
+def _next_events(ds: Dataset):
+    """Every event after a user's first: (user, previous item, latent cluster then, item)."""
+    seqs = ds.sequences
+    first = np.zeros(seqs.num_events, bool)
+    first[seqs.offsets[:-1]] = True
+    idx = np.flatnonzero(~first)
+    users = np.repeat(np.arange(len(seqs)), seqs.lengths)[idx]
+    return users, seqs.items[idx - 1], ds.extras["event_cluster"][idx - 1], seqs.items[idx]
+
+
+def test_event_cluster_is_the_walks_latent_state(data: Dataset) -> None:
+    ex = data.extras
+    clusters = ex["event_cluster"]
+    assert clusters.shape == data.sequences.items.shape and clusters.min() >= 0
+    assert clusters.max() < ex["user_preference"].shape[1]
+    # Every walk starts in the user's main cluster.
+    assert np.array_equal(clusters[data.sequences.offsets[:-1]], ex["user_cluster"])
+    # Draws that are not Markov steps come from the current cluster, and most Markov steps
+    # stay in their cluster too: far more events match it than the 1 / C of chance.
+    same = ex["item_cluster"][data.sequences.items] == clusters
+    assert same.mean() > 0.7
+
+
+def test_next_item_probabilities_are_a_distribution_that_covers_every_event(data: Dataset) -> None:
+    users, prev, clusters, nxt = _next_events(data)
+    probs = next_item_probabilities(data, users, prev, clusters)
+    assert probs.shape == (len(users), data.num_items + 1)
+    assert np.isfinite(probs).all() and (probs >= 0).all() and not probs[:, 0].any()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    # Any event the walk drew has positive probability (no draw path is missing).
+    assert (probs[np.arange(len(nxt)), nxt] > 0).all()
+
+
+def test_next_item_probabilities_are_calibrated(data: Dataset) -> None:
+    """Over the ~66k drawn transitions, the share that lands on the most likely item (and in
+    the ten most likely) equals the mean probability the distribution gives it, within 4
+    standard errors: the formula is the walk, not an approximation of it."""
+    users, prev, clusters, nxt = _next_events(data)
+    probs = next_item_probabilities(data, users, prev, clusters)
+    top = np.argsort(-probs, axis=1)[:, :10]
+    for k in (1, 10):
+        expected = np.take_along_axis(probs, top[:, :k], axis=1).sum(axis=1)
+        hit = (top[:, :k] == nxt[:, None]).any(axis=1)
+        se = np.sqrt((expected * (1 - expected)).sum()) / len(nxt)
+        assert abs(hit.mean() - expected.mean()) < 4 * se, (k, hit.mean(), expected.mean(), se)
+    # The successors carry the Markov share: P(next is a successor | Markov step) = 1.
+    succ = data.extras["successors"][prev]
+    stay, markov = data.extras["cluster_stickiness"], data.extras["markov_weight"]
+    assert (succ == nxt[:, None]).any(axis=1).mean() >= stay * markov
+
+
+def test_next_item_probabilities_reject_bad_input(data: Dataset) -> None:
+    with pytest.raises(ValueError, match="one length"):
+        next_item_probabilities(data, np.array([0, 1]), np.array([1]), np.array([0]))
+    with pytest.raises(ValueError, match="clusters must lie"):
+        next_item_probabilities(data, np.array([0]), np.array([1]), np.array([99]))
+    plain = dataclasses.replace(data, extras={})
+    with pytest.raises(ValueError, match="generate_synthetic"):
+        next_item_probabilities(plain, np.array([0]), np.array([1]), np.array([0]))
+
+
+def test_ceiling_bench_ranks_the_bayes_rule_above_the_baselines(tmp_path) -> None:
+    """bench/synthetic_ceiling.py on the default job's data: the ceilings beat the
+    transition baseline (ranking by the true probabilities maximises the expected hit rate),
+    and it writes one JSON row per model."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from bench import synthetic_ceiling
+
+    out = tmp_path / "rows.jsonl"
+    assert synthetic_ceiling.main(["--json", str(out)]) == 0
+    rows = {r["model"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"Bayes ceiling, latent cluster", "Bayes ceiling, last item's cluster", "popularity",
+                         "transition"}
+    latent, last = rows["Bayes ceiling, latent cluster"], rows["Bayes ceiling, last item's cluster"]
+    for metric in ("HR@10", "NDCG@10", "MRR"):
+        assert latent[metric] >= last[metric] > rows["transition"][metric] > rows["popularity"][metric]
+    with pytest.raises(SystemExit, match="metrics.jsonl"):
+        synthetic_ceiling.main(["--run", str(tmp_path / "nowhere")])
