@@ -270,11 +270,30 @@ def run_native(kernel, grid, args, np_arrays, out_shape, meta, *, zeroed_outputs
             opts["num_warps"] = num_warps
         if num_stages is not None:
             opts["num_stages"] = num_stages
+        _ensure_cache_dir()
         base_jit(kernel)[grid](*call_args, *outs, **meta, **opts)
         import torch
 
         torch.cuda.synchronize()
     return tuple(_from_torch(o, s.dtype) for o, s in zip(outs, out_shape))
+
+
+def _ensure_cache_dir() -> None:
+    """Give triton's file cache a directory when it resolves to none.
+
+    The native launcher compiles through triton's ``FileCacheManager``, which raises "Could
+    not create or locate cache dir" when ``triton.knobs.cache.dir`` is empty; on the GPU
+    machine that happened inside jax's CPU callback (``bench/results/h100-2026-11-23b``).
+    An explicit ``TRITON_CACHE_DIR`` wins; otherwise a directory under the system temp dir.
+    """
+    from triton import knobs
+
+    if not knobs.cache.dir:
+        import tempfile
+
+        path = os.environ.get("TRITON_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "genrec-triton-cache")
+        os.makedirs(path, exist_ok=True)
+        knobs.cache.dir = path
 
 
 @contextlib.contextmanager
