@@ -41,3 +41,20 @@ def test_only_the_autotune_key_warning_is_dropped(caplog):
         log.warning("something else")
     msgs = [r.getMessage() for r in caplog.records]
     assert msgs == ["something else"]
+
+
+def test_empty_triton_cache_dir_gets_a_directory(monkeypatch, tmp_path):
+    """The native launcher's guard: an empty cache directory (the GPU machine's "Could not
+    create or locate cache dir") becomes TRITON_CACHE_DIR or a temp directory; a set one is
+    left alone."""
+    pytest.importorskip("triton")
+    from triton import knobs
+
+    monkeypatch.setattr(knobs.cache, "dir", "")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    launch._ensure_cache_dir()
+    assert knobs.cache.dir == str(tmp_path / "genrec-triton-cache") and (tmp_path / "genrec-triton-cache").is_dir()
+    monkeypatch.setattr(knobs.cache, "dir", str(tmp_path / "mine"))
+    launch._ensure_cache_dir()
+    assert knobs.cache.dir == str(tmp_path / "mine")
