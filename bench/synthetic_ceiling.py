@@ -8,8 +8,9 @@
 The generator knows how every event was drawn, so the next-item distribution given the
 previous item, the user's cluster preference and the walk's latent current cluster is
 exact (``genrec_jax.data.synthetic.next_item_probabilities``). Ranking by it is the best any
-model can do on the test split; the same with the previous item's own cluster in place of
-the latent one is the best without the latent state. Both are printed beside the
+model can do on the test split (the Bayes ceiling). The same rule with the previous item's
+own cluster in place of the latent one needs no hidden state; it is a strong rule, not a
+bound. Both are printed beside the
 popularity and item-transition baselines (fitted on the events the model trains on) under
 the protocol of ``python train.py``'s test table: leave-one-out, the last event of each
 user, full ranking over the catalogue, history kept or removed as ``eval.exclude_history``
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
         rows.update({f"{name} (--run)": r for name, r in run_rows(Path(args.run)).items()
                      if name not in ("popularity", "transition")})
     rows["Bayes ceiling, latent cluster"] = ceiling_metrics(ds, es, latent=True, ks=ks, exclude_history=excl)
-    rows["Bayes ceiling, last item's cluster"] = ceiling_metrics(ds, es, latent=False, ks=ks, exclude_history=excl)
+    rows["generator's rule, last item's cluster"] = ceiling_metrics(ds, es, latent=False, ks=ks, exclude_history=excl)
     rows.update(evaluate_baselines(fit_sequences(ds, split, cfg.data.fit), es, num_items=ds.num_items, ks=ks,
                                    exclude_history=excl))
     print(f"\nTest set, leave-one-out, full ranking over {ds.num_items} items, history items "

@@ -290,7 +290,7 @@ def _walk(
     main: np.ndarray,
     markov_weight: float,
     stickiness: float,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """Item ids [U, max_len] and the current cluster each was drawn under [U, max_len]
     (positions past a user's length are filled but unused)."""
     num_users, num_clusters = preference.shape
@@ -333,8 +333,9 @@ def next_item_probabilities(
     it by popularity; otherwise, with probability ``markov_weight``, the item is the previous
     one's k-th successor (weights ``_SUCCESSOR_WEIGHTS``), else a popularity draw from the
     current cluster. Knowing the generator's parameters and latent cluster, ranking by this
-    is the best any recommender can do on the data (the Bayes ceiling of HR@k); passing the
-    previous item's own cluster instead gives the ceiling without the latent state.
+    is the best any recommender can do on the data (the Bayes ceiling of HR@k). Passing the
+    previous item's own cluster instead needs no latent state; it is a strong rule, not a
+    bound (the best rule without the latent state would average over its posterior).
     """
     ex = dataset.extras
     needed = ("item_cluster", "successors", "item_popularity_weight", "user_preference", "markov_weight",
