@@ -23,6 +23,7 @@ Prints a PASS/FAIL table; ``--json`` writes one object per row; exits 1 on any f
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -396,10 +397,11 @@ GMM_CASES = [  # tiles per expert, rows per tile, K, N
 ]
 
 
-def run_moe(R, G):
+def run_moe(R, G, modes=None):
     """grouped_matmul_triton (forward, dx, dw) against float64 loops, every autotune
     configuration pinned at the base shape, and a MoE layer with moe.kernel=triton against the
-    same layer with the XLA formulation (output and every gradient)."""
+    same layer with the XLA formulation (output and every gradient). With ``modes`` (e.g.
+    ("torch",), the poisoned-output launcher) only the kernel cases run, in those modes."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -410,11 +412,11 @@ def run_moe(R, G):
     from genrec_jax.kernels.grouped_matmul import grouped_matmul_triton
     from genrec_jax.model.moe import MoEFFN
 
-    mode = MODE["main"]
     cases = [(c, dt, None) for c in GMM_CASES for dt in ("float32", "bfloat16")]
-    cases += [(GMM_CASES[3], "bfloat16", cfg) for cfg in launch.autotune_configs(kg.autotuned("fwd"))]
-    for (counts, m, k, n), dtype, cfg in cases:
-        def checks(counts=counts, m=m, k=k, n=n, dtype=dtype, cfg=cfg):
+    if modes is None:
+        cases += [(GMM_CASES[3], "bfloat16", cfg) for cfg in launch.autotune_configs(kg.autotuned("fwd"))]
+    for ((counts, m, k, n), dtype, cfg), mode in itertools.product(cases, modes or (MODE["main"],)):
+        def checks(counts=counts, m=m, k=k, n=n, dtype=dtype, cfg=cfg, mode=mode):
             x, w, te, g = G.inputs(counts, m, k, n, seed("gmm", m, k, n, dtype), getattr(jnp, dtype))
             fn = jax.jit(lambda a, b: jax.vjp(lambda a, b: grouped_matmul_triton(a, b, te, launch_mode=mode,
                                                                                  config=cfg), a, b))
@@ -428,6 +430,9 @@ def run_moe(R, G):
         name = f"tiles{sum(counts)} E{len(counts)} M{m} K{k} N{n}" + ("" if cfg is None else f" pinned {cfg}")
         R.run("moe", "grouped_matmul", name, dtype, mode, checks)
 
+    if modes is not None:
+        return
+    mode = MODE["main"]
     for dtype in ("float32", "bfloat16"):
         def layer(dtype=dtype):
             dt = getattr(jnp, dtype)
@@ -598,6 +603,9 @@ def main(argv=None) -> int:
             run_attention(R, A, modes=("torch",), cases=ATTN_CASES[:3])
             run_cached(R, A, modes=("torch",))
             run_interaction(R, I, modes=("torch",))
+            from tests.kernels import test_grouped_matmul_kernel as G
+
+            run_moe(R, G, modes=("torch",))
         else:
             print("torch with CUDA not available: skipping the poisoned-output (torch) checks", flush=True)
 

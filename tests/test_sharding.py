@@ -75,6 +75,24 @@ def test_sharded_train_step_equals_single_device(setup_data, single_device_losse
 
 
 @needs8
+@pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, fsdp=4)], ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()))
+def test_sharded_step_with_dropout_equals_single_device(setup_data, single_device_losses, mesh):
+    """Dropout on (rate 0.1): the masks do not depend on the mesh (JAX's threefry generator
+    draws each device's slice of the same bits), so the sharded losses still equal one device's."""
+    import copy
+
+    cfg, ds, split, batches = setup_data
+    cfg = copy.deepcopy(cfg)
+    cfg.model.dropout = 0.1
+    ref = run_steps(cfg, ds, split, batches, MeshConfig(data=1), devices=jax.devices()[:1])[0]
+    assert not np.allclose(ref, single_device_losses, rtol=1e-4)  # dropout changed the losses
+    full = dict(data=1, fsdp=1, tensor=1, expert=1)
+    full.update(mesh)
+    got = run_steps(cfg, ds, split, batches, MeshConfig(**full))[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs8
 def test_all_to_all_expert_dispatch_train_step_equals_single_device(setup_data, single_device_losses):
     """model.moe.dispatch=all_to_all on data=2 x expert=4 (one expert per device, dropless):
     the same losses as one device, the expert weights split over the expert axis, and the
