@@ -94,20 +94,29 @@ def shard_factor(shape, axes, mesh: dict[str, int]) -> int:
     return f
 
 
-def flops_per_token(cfg: Config, num_items: int) -> float:
+def attention_flops_per_token(cfg: Config) -> float:
+    """Forward FLOPs per token of the score and value products alone, all layers (the
+    attention term of :func:`flops_per_token`)."""
     m, n = cfg.model, cfg.data.max_seq_len
-    d, h, dqk, dv = m.embed_dim, m.num_heads, m.attn_dim, m.linear_dim
     keys = (n + 1) / 2
     if m.arch == "hstu":
-        layer = 2 * d * h * (2 * dv + 2 * dqk) + 2 * h * (dqk + dv) * keys + 2 * h * dv * d
+        return m.num_layers * 2 * m.num_heads * (m.attn_dim + m.linear_dim) * keys
+    return m.num_layers * 4 * m.embed_dim * keys
+
+
+def flops_per_token(cfg: Config, num_items: int) -> float:
+    m = cfg.model
+    d, h, dqk, dv = m.embed_dim, m.num_heads, m.attn_dim, m.linear_dim
+    if m.arch == "hstu":
+        layer = 2 * d * h * (2 * dv + 2 * dqk) + 2 * h * dv * d
     else:  # SASRec: q,k,v,o projections + softmax attention + FFN
-        layer = 8 * d * d + 4 * d * keys + 4 * d * m.ffn_dim
+        layer = 8 * d * d + 4 * d * m.ffn_dim
     if m.ffn == "moe":
         layer += m.moe.top_k * 4 * d * m.moe.expert_dim + 2 * d * m.moe.num_experts
     elif m.ffn == "dense":
         layer += 4 * d * m.ffn_dim
     vocab = num_items + 1 if cfg.train.loss == "softmax" else cfg.train.num_negatives + 1
-    return m.num_layers * layer + 2 * d * vocab
+    return m.num_layers * layer + attention_flops_per_token(cfg) + 2 * d * vocab
 
 
 def activation_floats_per_token(cfg: Config, attention: str, tensor: int) -> float:

@@ -3,7 +3,7 @@
 import io
 
 from genrec_jax.config import load_config, preset_path
-from genrec_jax.planning import dry_run_main, flops_per_token, make_plan
+from genrec_jax.planning import attention_flops_per_token, dry_run_main, flops_per_token, make_plan
 
 
 def hand_count_tiny() -> int:
@@ -30,6 +30,30 @@ def test_flops_per_token_matches_hand_count():
     d, h, dqk, dv, n = 32, 2, 16, 16, 16
     layer = 2 * d * h * (2 * dv + 2 * dqk) + 2 * h * (dqk + dv) * (n + 1) / 2 + 2 * h * dv * d
     assert flops_per_token(cfg, 120) == 2 * layer + 2 * d * 121 == 30400
+    assert attention_flops_per_token(cfg) == 2 * 2 * h * (dqk + dv) * (n + 1) / 2 == 2176
+
+
+def test_mfu_bound_rows_follow_from_their_parts(tmp_path):
+    """bench/mfu_bound.py on the tiny preset (CPU, XLA attention): the step floor is the
+    layers' attention plus the other model FLOPs at the given peak, and the ceiling is the
+    step's FLOPs over that floor."""
+    import json
+
+    from bench.mfu_bound import main
+
+    out = tmp_path / "rows.jsonl"
+    assert main(["--config", "tiny", "--attention", "xla,triton", "--reps", "2", "--rounds", "1",
+                 "--peak-tflops", "0.5", "--json", str(out)]) == 0
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]  # triton skipped on the CPU
+    cfg = load_config(preset_path("tiny"))
+    tokens = cfg.data.batch_size * cfg.data.max_seq_len
+    f_step = 3 * flops_per_token(cfg, cfg.data.synthetic.num_items) * tokens
+    f_rest = f_step - 3 * attention_flops_per_token(cfg) * tokens
+    assert row["backend"] == "xla" and row["attention_ms_per_layer"] > 0
+    assert abs(row["rest_at_peak_ms"] - f_rest / 0.5e12 * 1e3) < 1e-9
+    assert abs(row["step_floor_ms"] - (2 * row["attention_ms_per_layer"] + row["rest_at_peak_ms"])) < 1e-9
+    assert abs(row["mfu_ceiling"] - f_step / (row["step_floor_ms"] * 1e-3) / 0.5e12) < 1e-9
+    assert 0 < row["mfu_ceiling"] < f_step / f_rest  # the attention takes some time
 
 
 def test_sharding_divides_the_per_device_bytes():
