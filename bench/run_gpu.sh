@@ -42,6 +42,8 @@ if [[ ,$STEPS, == *,train,* ]]; then
     --json "$OUT/moe.json" --plot "$OUT/moe.png"
   step train_throughput "${STEP_LIMIT_TRAIN:-150}" env GENREC_TRITON_AUTOTUNE=0 python3 bench/train_throughput.py --attention xla,triton \
     --steps 20 --json "$OUT/train_throughput.json"
+  step mfu_bound "${STEP_LIMIT_MFU_BOUND:-150}" env GENREC_TRITON_AUTOTUNE=0 python3 bench/mfu_bound.py --config base \
+    --json "$OUT/mfu_bound.json"
 fi
 if [[ ,$STEPS, == *,serve,* ]]; then
   step serve_engine "${STEP_LIMIT_SERVE:-300}" env GENREC_TRITON_AUTOTUNE=0 python3 bench/serve_engine.py --batch-buckets 1,8,32,128 \
