@@ -6,7 +6,9 @@ for --duration seconds (at most --max-requests), whether or not earlier ones ans
 open loop, so a slow server faces a growing backlog instead of a politely waiting client.
 Per rate it reports the achieved rate (200s per second), p50 / p95 / p99 latency of the
 admitted (200) requests as the client sees them, the server's own p99 (from /metrics,
-bucket upper bound), every error by status, and how late the generator fell behind its
+bucket upper bound) and, from the engine's histograms, the p99 of the batches' queue wait
+("wait p99", oldest request of each batch) and of their execution ("batch p99", dispatch
+to answers), every error by status, and how late the generator fell behind its
 schedule ("gen lag": when large, the client machine, not the server, is saturated). Past
 saturation the server should refuse with fast 503s (bounded queue, bounded in-flight
 requests) while admitted requests keep a bounded latency.
@@ -184,14 +186,27 @@ class RawClient:
         self.idle: list[tuple] = []
         self.open = 0
 
-    async def _conn(self):
-        if self.idle:
-            return self.idle.pop()
+    async def _conn(self, fresh: bool = False):
+        if self.idle and not fresh:
+            return self.idle.pop(), True
         self.open += 1
-        return await asyncio.open_connection(self.host, self.port)
+        return await asyncio.open_connection(self.host, self.port), False
 
     async def post(self, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
-        conn = await self._conn()
+        """One request. A kept-alive connection that the server closed while it sat idle
+        (its keep-alive timeout) fails before any byte of an answer comes back; that request
+        is sent again, once, on a new connection, as HTTP clients do, instead of being
+        counted as a server error."""
+        conn, reused = await self._conn()
+        try:
+            return await self._exchange(conn, path, body, timeout)
+        except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as e:
+            if not reused or (isinstance(e, asyncio.IncompleteReadError) and e.partial):
+                raise
+        conn, _ = await self._conn(fresh=True)
+        return await self._exchange(conn, path, body, timeout)
+
+    async def _exchange(self, conn, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
         reader, writer = conn
         try:
             writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
@@ -231,8 +246,15 @@ class RawClient:
             w.close()
 
 
+# /metrics histograms read at each phase's start and end: the front ends' request latency (the
+# /v1/ endpoints), the engine's queue wait (oldest request of each batch) and batch time
+# (dispatch to answers). Their difference says where an admitted request's time went.
+HISTOGRAMS = {"latency": "genrec_request_latency_seconds_bucket", "queue_wait": "genrec_queue_wait_seconds_bucket",
+              "batch": "genrec_batch_seconds_bucket"}
+
+
 async def server_counts(client: RawClient) -> dict:
-    """Server-side view from /metrics: the request latency histogram (retried: an
+    """Server-side view from /metrics: the histograms of ``HISTOGRAMS`` (retried: an
     overloaded server may refuse the scrape itself)."""
     text = ""
     for _ in range(50):
@@ -244,18 +266,25 @@ async def server_counts(client: RawClient) -> dict:
             text = raw.split(b"\r\n\r\n", 1)[1].decode()
             break
         await asyncio.sleep(0.2)
-    out = {"buckets": {}}
+    return parse_histograms(text)
+
+
+def parse_histograms(text: str) -> dict:
+    """Cumulative bucket counts ``{key: {le: count}}`` of ``HISTOGRAMS`` in a /metrics text
+    (series of one name with different labels are added up)."""
+    out: dict = {key: {} for key in HISTOGRAMS}
     for line in text.splitlines():
-        if line.startswith("genrec_request_latency_seconds_bucket") and "/v1/" in line:
-            le = float(line.split('le="')[1].split('"')[0].replace("+Inf", "inf"))
-            out["buckets"][le] = out["buckets"].get(le, 0.0) + float(line.split()[-1])
+        for key, name in HISTOGRAMS.items():
+            if line.startswith(name) and (key != "latency" or "/v1/" in line):
+                le = float(line.split('le="')[1].split('"')[0].replace("+Inf", "inf"))
+                out[key][le] = out[key].get(le, 0.0) + float(line.split()[-1])
     return out
 
 
-def server_quantile(before: dict, after: dict, q: float) -> float | None:
-    """q-quantile (ms, bucket upper bound) of the server-side latency between two scrapes."""
-    les = sorted(after["buckets"])
-    counts = [after["buckets"][le] - before["buckets"].get(le, 0.0) for le in les]
+def server_quantile(before: dict, after: dict, q: float, key: str = "latency") -> float | None:
+    """q-quantile (ms, bucket upper bound) of server-side histogram ``key`` between two scrapes."""
+    les = sorted(after[key])
+    counts = [after[key][le] - before[key].get(le, 0.0) for le in les]
     total = counts[-1] if counts else 0
     if total <= 0:
         return None
@@ -364,6 +393,9 @@ async def run_rate(client: RawClient, rate: float, args, work: Workload) -> dict
         "achieved_rps": len(ok) / wall, "ok": len(ok),
         "p50_ms": pct(ok, 50), "p95_ms": pct(ok, 95), "p99_ms": pct(ok, 99),
         "server_p99_ms": server_quantile(before, after, 0.99),
+        "server_queue_wait_p99_ms": server_quantile(before, after, 0.99, "queue_wait"),
+        "server_batch_p99_ms": server_quantile(before, after, 0.99, "batch"),
+        "server_batch_p50_ms": server_quantile(before, after, 0.50, "batch"),
         "status_503": len(refused), "p50_503_ms": pct(refused, 50), "p99_503_ms": pct(refused, 99),
         "status_504": sum(s == 504 for s, _, _ in records),
         "other_errors": sum(s not in (200, 503, 504) for s, _, _ in records),
@@ -402,7 +434,8 @@ async def run_all(url: str, args) -> list[dict]:
 
 
 HEADER = (f"{'offered/s':>10}{'sent':>7}{'achieved/s':>12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
-          f"{'srv p99':>9}{'503':>7}{'503 p99':>9}{'504':>6}{'other':>7}{'gen lag':>9}  errors by type")
+          f"{'srv p99':>9}{'wait p99':>9}{'batch p99':>10}{'503':>7}{'503 p99':>9}{'504':>6}{'other':>7}"
+          f"{'gen lag':>9}  errors by type")
 
 
 def fmt(x, w, d=1):
@@ -415,7 +448,8 @@ def print_row(r):
         print("-" * len(HEADER))
         print_row.done = True
     print(f"{r['offered_rps']:>10.0f}{r['sent']:>7}{r['achieved_rps']:>12.1f}{fmt(r['p50_ms'], 9)}"
-          f"{fmt(r['p95_ms'], 9)}{fmt(r['p99_ms'], 9)}{fmt(r['server_p99_ms'], 9)}{r['status_503']:>7}"
+          f"{fmt(r['p95_ms'], 9)}{fmt(r['p99_ms'], 9)}{fmt(r['server_p99_ms'], 9)}"
+          f"{fmt(r.get('server_queue_wait_p99_ms'), 9)}{fmt(r.get('server_batch_p99_ms'), 10)}{r['status_503']:>7}"
           f"{fmt(r['p99_503_ms'], 9)}{r['status_504']:>6}{r['other_errors'] + r['generator_dropped']:>7}"
           f"{r['generator_max_lag_ms']:>9.0f}  {' '.join(f'{k}:{v}' for k, v in r['error_kinds'].items())}",
           flush=True)

@@ -141,7 +141,7 @@ class Service(LoopWatch):
                 # is what runs.
                 self.batcher = Batcher(lambda jobs: engine.process(jobs), max_batch=engine.max_batch,
                                        max_wait_s=self.cfg.max_wait_ms / 1e3, queue_size=self.cfg.queue_size,
-                                       on_batch=self.metrics.on_batch,
+                                       on_batch=self.metrics.on_batch, on_done=self.metrics.on_batch_done,
                                        dispatch=lambda jobs: engine.dispatch(jobs),
                                        collect=lambda handle: engine.collect(handle),
                                        depth=self.cfg.pipeline_depth).start()

@@ -105,12 +105,15 @@ class Batcher:
         max_wait_s: longest a job waits for companions (from its arrival).
         queue_size: most jobs waiting; more are refused.
         on_batch: ``(jobs in batch, seconds the oldest waited)`` after each batch (metrics).
+        on_done: ``(jobs in batch, seconds from its dispatch to its answers)`` once a batch's
+            results are in, before they are handed back (metrics; not for a failed batch).
         dispatch, collect, depth: the pipelined form of ``run`` (module docstring);
             ``run`` is used when ``depth`` is 1 or either is missing.
     """
 
     def __init__(self, run: Callable[[list[Any]], Sequence[Any]], *, max_batch: int, max_wait_s: float,
                  queue_size: int, on_batch: Callable[[int, float], None] | None = None,
+                 on_done: Callable[[int, float], None] | None = None,
                  dispatch: Callable[[list[Any]], Any] | None = None,
                  collect: Callable[[Any], Sequence[Any]] | None = None, depth: int = 1):
         if depth < 1:
@@ -128,6 +131,7 @@ class Batcher:
         self.queue_size = queue_size
         self._queue: queue.Queue[Ticket] = queue.Queue(maxsize=queue_size)
         self._on_batch = on_batch
+        self._on_done = on_done
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.batches = 0
@@ -249,12 +253,21 @@ class Batcher:
     def _execute(self, live: list[Ticket]) -> None:
         if self.pipeline_depth > 1:
             return self._pipelined(live)
+        t0 = time.perf_counter()
         try:
             results = self._run([t.payload for t in live])
         except BaseException as e:  # noqa: BLE001 -- every caller must hear about it
             self._failed(live, e)
             return
+        self._done(len(live), t0)
         _resolve([(t, r, isinstance(r, BaseException)) for t, r in zip(live, results)])
+
+    def _done(self, jobs: int, t0: float) -> None:
+        if self._on_done is not None:
+            try:
+                self._on_done(jobs, time.perf_counter() - t0)
+            except Exception:  # noqa: BLE001 -- a metrics hook must not cost anyone an answer
+                log.exception("on_done hook failed")
 
     @staticmethod
     def _failed(live: list[Ticket], e: BaseException) -> None:
@@ -263,6 +276,7 @@ class Batcher:
 
     def _pipelined(self, live: list[Ticket]) -> None:
         self._slots.acquire()  # at most ``depth`` batches between dispatch and answer
+        t0 = time.perf_counter()
         try:
             handle = self._dispatch([t.payload for t in live])
         except BaseException as e:  # noqa: BLE001
@@ -271,19 +285,20 @@ class Batcher:
             return
         with self._count_lock:
             self._outstanding += 1
-        self._handles.put((live, handle))
+        self._handles.put((live, handle, t0))
 
     def _collect_loop(self) -> None:
         while True:
             item = self._handles.get()
             if item is None:
                 return
-            live, handle = item
+            live, handle, t0 = item
             try:
                 results = self._collect_fn(handle)
             except BaseException as e:  # noqa: BLE001
                 self._failed(live, e)
             else:
+                self._done(len(live), t0)
                 _resolve([(t, r, isinstance(r, BaseException)) for t, r in zip(live, results)])
             finally:
                 with self._count_lock:

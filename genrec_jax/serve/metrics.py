@@ -15,7 +15,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0,
+                   5.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -61,10 +62,16 @@ class EngineMetrics:
         self.queue_wait = Histogram("genrec_queue_wait_seconds", "Time the oldest request of a batch waited",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("genrec_queue_depth", "Requests waiting in the batcher queue", registry=r)
+        self.batch_seconds = Histogram("genrec_batch_seconds",
+                                       "Time from a batch's dispatch to its answers: the compiled steps and the "
+                                       "host work around them", buckets=LATENCY_BUCKETS, registry=r)
 
     def on_batch(self, size: int, waited_s: float) -> None:
         self.batch_size.observe(size)
         self.queue_wait.observe(waited_s)
+
+    def on_batch_done(self, size: int, seconds: float) -> None:
+        self.batch_seconds.observe(seconds)
 
     def on_step(self, step: str, rows: int, bucket: int) -> None:
         self.step_rows.labels(step).observe(rows)

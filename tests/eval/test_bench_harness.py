@@ -80,3 +80,67 @@ def test_wilson_interval():
     lo, hi = wilson_interval(484, 500)
     assert lo < 484 / 500 < hi and lo == pytest.approx(0.9487, abs=1e-4)
     assert wilson_interval(10, 10)[1] == pytest.approx(1.0) and wilson_interval(0, 10)[0] == pytest.approx(0.0)
+
+
+def test_server_stage_quantiles_from_two_scrapes():
+    """serve_load's server-side columns: the p99 of each histogram between two /metrics
+    scrapes, as the upper bound of the bucket that holds it; other endpoints' latency
+    series (here /healthz) are left out."""
+    def text(lat, wait, batch):
+        lines = []
+        for le, c in lat:
+            lines.append(f'genrec_request_latency_seconds_bucket{{endpoint="/v1/recommend",le="{le}"}} {c}')
+            lines.append(f'genrec_request_latency_seconds_bucket{{endpoint="/healthz",le="{le}"}} 1000')
+        lines += [f'genrec_queue_wait_seconds_bucket{{le="{le}"}} {c}' for le, c in wait]
+        lines += [f'genrec_batch_seconds_bucket{{le="{le}"}} {c}' for le, c in batch]
+        return "\n".join(lines)
+
+    before = serve_load.parse_histograms(text([(0.01, 5), (0.05, 5), ("+Inf", 5)], [(0.002, 3), ("+Inf", 3)],
+                                              [(0.01, 2), (0.05, 2), ("+Inf", 2)]))
+    after = serve_load.parse_histograms(text([(0.01, 104), (0.05, 105), ("+Inf", 105)],
+                                             [(0.002, 53), ("+Inf", 53)],
+                                             [(0.01, 2), (0.05, 101), ("+Inf", 102)]))
+    assert serve_load.server_quantile(before, after, 0.99) == pytest.approx(10.0)  # 99 of 100 under 10 ms
+    assert serve_load.server_quantile(before, after, 0.99, "queue_wait") == pytest.approx(2.0)
+    assert serve_load.server_quantile(before, after, 0.50, "batch") == pytest.approx(50.0)
+    assert serve_load.server_quantile(before, after, 0.999, "batch") == float("inf")  # past the last bound
+    assert serve_load.server_quantile(before, before, 0.99, "batch") is None  # nothing in between
+
+
+def test_raw_client_resends_once_when_the_server_closed_an_idle_connection():
+    """A kept-alive connection the server dropped while idle (its keep-alive timeout) fails
+    before any byte of an answer: the request goes again on a new connection. A connection
+    that breaks in the middle of an answer is an error, not retried."""
+    served = []
+
+    async def main():
+        async def handle(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            length = 2
+            await reader.readexactly(length)
+            served.append(1)
+            if len(served) == 3:  # the third answer breaks off after its head
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            writer.close()  # keep-alive ends after one answer, without saying so
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = serve_load.RawClient(f"http://127.0.0.1:{port}", 4)
+        try:
+            first = await client.post("/v1/recommend", b"{}", 5)
+            await asyncio.sleep(0.05)  # the server has closed the idle connection by now
+            second = await client.post("/v1/recommend", b"{}", 5)  # reused, dead: sent again
+            with pytest.raises(asyncio.IncompleteReadError):
+                await client.post("/v1/recommend", b"{}", 5)  # reused, dead, resent, broken mid-answer
+        finally:
+            client.close()
+            server.close()
+            await server.wait_closed()
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert first == (200, b"ok") and second == (200, b"ok")
+    assert len(served) == 3
