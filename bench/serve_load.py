@@ -6,9 +6,9 @@ for --duration seconds (at most --max-requests), whether or not earlier ones ans
 open loop, so a slow server faces a growing backlog instead of a politely waiting client.
 Per rate it reports the achieved rate (200s per second), p50 / p95 / p99 latency of the
 admitted (200) requests as the client sees them, the server's own p99 (from /metrics,
-bucket upper bound) and, from the engine's histograms, the p99 of the batches' queue wait
-("wait p99", oldest request of each batch) and of their execution ("batch p99", dispatch
-to answers), every error by status, and how late the generator fell behind its
+bucket upper bound) and, from the engine's histograms, the p99 of the requests' wait in
+the batcher queue ("wait p99") and of the batches' execution ("batch p99", dispatch to
+answers, per batch), every error by status, and how late the generator fell behind its
 schedule ("gen lag": when large, the client machine, not the server, is saturated). Past
 saturation the server should refuse with fast 503s (bounded queue, bounded in-flight
 requests) while admitted requests keep a bounded latency.
@@ -247,10 +247,10 @@ class RawClient:
 
 
 # /metrics histograms read at each phase's start and end: the front ends' request latency (the
-# /v1/ endpoints), the engine's queue wait (oldest request of each batch) and batch time
-# (dispatch to answers). Their difference says where an admitted request's time went.
-HISTOGRAMS = {"latency": "genrec_request_latency_seconds_bucket", "queue_wait": "genrec_queue_wait_seconds_bucket",
-              "batch": "genrec_batch_seconds_bucket"}
+# /v1/ endpoints), the engine's queue wait (per request) and batch time (per batch, dispatch
+# to answers). Their difference says where an admitted request's time went.
+HISTOGRAMS = {"latency": "genrec_request_latency_seconds_bucket",
+              "queue_wait": "genrec_request_queue_wait_seconds_bucket", "batch": "genrec_batch_seconds_bucket"}
 
 
 async def server_counts(client: RawClient) -> dict:

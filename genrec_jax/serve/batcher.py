@@ -104,7 +104,8 @@ class Batcher:
         max_batch: most jobs per batch (the engine's largest batch bucket).
         max_wait_s: longest a job waits for companions (from its arrival).
         queue_size: most jobs waiting; more are refused.
-        on_batch: ``(jobs in batch, seconds the oldest waited)`` after each batch (metrics).
+        on_batch: ``(jobs in batch, seconds the oldest waited, every job's wait in seconds)``
+            as each batch starts (metrics).
         on_done: ``(jobs in batch, seconds from its dispatch to its answers)`` once a batch's
             results are in, before they are handed back (metrics; not for a failed batch).
         dispatch, collect, depth: the pipelined form of ``run`` (module docstring);
@@ -112,7 +113,7 @@ class Batcher:
     """
 
     def __init__(self, run: Callable[[list[Any]], Sequence[Any]], *, max_batch: int, max_wait_s: float,
-                 queue_size: int, on_batch: Callable[[int, float], None] | None = None,
+                 queue_size: int, on_batch: Callable[[int, float, list[float]], None] | None = None,
                  on_done: Callable[[int, float], None] | None = None,
                  dispatch: Callable[[list[Any]], Any] | None = None,
                  collect: Callable[[Any], Sequence[Any]] | None = None, depth: int = 1):
@@ -246,7 +247,7 @@ class Batcher:
             if not live:
                 continue
             if self._on_batch is not None:
-                self._on_batch(len(live), now - live[0].enqueued)
+                self._on_batch(len(live), now - live[0].enqueued, [now - t.enqueued for t in live])
             self._execute(live)
             self.batches += 1
 

@@ -61,14 +61,21 @@ class EngineMetrics:
                                    ["step"], buckets=SIZE_BUCKETS, registry=r)
         self.queue_wait = Histogram("genrec_queue_wait_seconds", "Time the oldest request of a batch waited",
                                     buckets=LATENCY_BUCKETS, registry=r)
+        # One observation per request: a rare long pause that delays many requests at once
+        # weighs here as it does in their latency (per batch it is one or two batches).
+        self.request_wait = Histogram("genrec_request_queue_wait_seconds",
+                                      "Time each request waited in the batcher queue before its batch started",
+                                      buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("genrec_queue_depth", "Requests waiting in the batcher queue", registry=r)
         self.batch_seconds = Histogram("genrec_batch_seconds",
                                        "Time from a batch's dispatch to its answers: the compiled steps and the "
                                        "host work around them", buckets=LATENCY_BUCKETS, registry=r)
 
-    def on_batch(self, size: int, waited_s: float) -> None:
+    def on_batch(self, size: int, waited_s: float, waits: list[float] = ()) -> None:
         self.batch_size.observe(size)
         self.queue_wait.observe(waited_s)
+        for w in waits:
+            self.request_wait.observe(w)
 
     def on_batch_done(self, size: int, seconds: float) -> None:
         self.batch_seconds.observe(seconds)

@@ -91,7 +91,8 @@ def test_server_stage_quantiles_from_two_scrapes():
         for le, c in lat:
             lines.append(f'genrec_request_latency_seconds_bucket{{endpoint="/v1/recommend",le="{le}"}} {c}')
             lines.append(f'genrec_request_latency_seconds_bucket{{endpoint="/healthz",le="{le}"}} 1000')
-        lines += [f'genrec_queue_wait_seconds_bucket{{le="{le}"}} {c}' for le, c in wait]
+        lines += [f'genrec_request_queue_wait_seconds_bucket{{le="{le}"}} {c}' for le, c in wait]
+        lines += [f'genrec_queue_wait_seconds_bucket{{le="{le}"}} 999' for le, _ in wait]  # per batch: not read
         lines += [f'genrec_batch_seconds_bucket{{le="{le}"}} {c}' for le, c in batch]
         return "\n".join(lines)
 

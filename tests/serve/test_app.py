@@ -63,7 +63,7 @@ def test_every_endpoint_answers(client, engine):
     metrics = client.get("/metrics").text
     for name in ("genrec_request_latency_seconds_bucket", "genrec_batch_size_bucket", "genrec_queue_depth",
                  "genrec_prefix_cache_hit_rate", "genrec_compiles_total", "genrec_errors_total",
-                 "genrec_batch_seconds_bucket"):
+                 "genrec_batch_seconds_bucket", "genrec_request_queue_wait_seconds_bucket"):
         assert name in metrics, f"/metrics lacks {name}"
     batches = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("genrec_batch_seconds_count")]
     assert batches and batches[0] >= 1, "the batches that answered the requests above were timed"

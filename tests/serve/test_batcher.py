@@ -329,3 +329,26 @@ def test_on_done_reports_each_answered_batch_with_its_duration(depth):
         b.stop()
     assert sum(jobs for jobs, _ in done) == 100, "every answered job is counted once; the failed batch is not"
     assert all(0.004 <= s < 1.0 for _, s in done), done
+
+
+def test_on_batch_sees_every_jobs_wait():
+    """``on_batch`` gets the batch size, the oldest job's wait and each job's wait (oldest
+    first), all measured when the batch starts."""
+    gate = threading.Event()
+    seen = []
+    b = make(lambda ps: (gate.wait(5), ps)[1], max_batch=8,
+             on_batch=lambda n, oldest, waits: seen.append((n, oldest, list(waits))))
+    try:
+        first = b.submit(0, 5.0)
+        time.sleep(0.05)  # the worker runs the first batch and blocks on the gate
+        rest = [b.submit(i, 5.0) for i in range(1, 4)]
+        time.sleep(0.03)
+        gate.set()
+        assert [f.result(5) for f in [first, *rest]] == [0, 1, 2, 3]
+    finally:
+        gate.set()
+        b.stop()
+    assert [n for n, _, _ in seen] == [1, 3], seen
+    n, oldest, waits = seen[1]
+    assert oldest == waits[0] and waits == sorted(waits, reverse=True), seen
+    assert all(w >= 0.03 for w in waits), "the three waited behind the blocked first batch"
