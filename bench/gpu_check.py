@@ -177,6 +177,9 @@ def run_attention(R, A, modes=None, cases=ATTN_CASES):
             R.run("attention", "hstu_attention dq=sep", name, dtype, mode,
                   lambda: attention_checks(A, dtype, mode, p, n, norm=norm, alpha=1 / math.sqrt(dqk),
                                            dq_mode="separate")[2:])
+            R.run("attention", "hstu_attention dq=stored", name, dtype, mode,
+                  lambda: attention_checks(A, dtype, mode, p, n, norm=norm, alpha=1 / math.sqrt(dqk),
+                                           dq_mode="stored")[2:])
 
 
 def run_config_sweep(R, A):
@@ -201,6 +204,15 @@ def run_config_sweep(R, A):
             R.run("configs", "hstu_bwd_dq", f"N{n} rab={rab} {cfg}", "bfloat16", mode,
                   lambda: attention_checks(A, "bfloat16", mode, p, n, norm="causal_count", alpha=0.1,
                                            dq_mode="separate", dq_config=cfg)[2:3])
+        bwds = launch.autotune_configs(ka.autotuned("bwds", 128, rab))
+        for cfg in bwds:
+            R.run("configs", "hstu_bwd stored", f"N{n} rab={rab} {cfg}", "bfloat16", mode,
+                  lambda: attention_checks(A, "bfloat16", mode, p, n, norm="causal_count", alpha=0.1,
+                                           dq_mode="stored", bwd_config=cfg)[2:])
+        for cfg in launch.autotune_configs(ka.autotuned("dqs", 128, rab, bwds[0]["BLOCK_N"])):
+            R.run("configs", "hstu_bwd_dq stored", f"N{n} rab={rab} {cfg}", "bfloat16", mode,
+                  lambda: attention_checks(A, "bfloat16", mode, p, n, norm="causal_count", alpha=0.1,
+                                           dq_mode="stored", bwd_config=bwds[0], dq_config=cfg)[2:3])
 
 
 def run_jagged(R, A):

@@ -224,7 +224,8 @@ def attention_rows(ns, b, h, d, rabs, skip_xla_above, only_impls=(), configs="sw
         arg_f = [(s["q"], s["k"], s["v"], s["lengths"], s["pb"], s["tb"], s["ts"], s["qts"]) for s in sets]
         arg_b = [a + (s["cot"],) for a, s in zip(arg_f, sets)]
         for rab in rabs:
-            impls = ("triton", "triton-exact", "triton-tanh", "triton-dqsep", "xla") + (
+            impls = ("triton", "triton-atomic", "triton-exact", "triton-tanh", "triton-dqsep", "triton-dqst",
+                     "xla") + (
                 ("xla-gather",) if rab == "pos+time" else ())
             chosen = {}  # kernel kind -> pinned config, filled by the sweep of the first Triton impl
             for impl in impls:
@@ -235,6 +236,10 @@ def attention_rows(ns, b, h, d, rabs, skip_xla_above, only_impls=(), configs="sw
                 base_kw = dict(alpha=1 / math.sqrt(d), max_len=n, norm="max_len")
                 if impl == "triton-dqsep":
                     base_kw["dq_mode"] = "separate"
+                if impl == "triton-dqst":  # dS stored by the key-major kernel, dQ one product over it
+                    base_kw["dq_mode"] = "stored"
+                if impl == "triton-atomic":  # dQ by f32 atomics whatever the length ("triton": dq_mode="auto")
+                    base_kw["dq_mode"] = "atomic"
                 if impl == "triton-exact":  # the kernel with the two-MUFU sigmoid (A/B of the tanh form)
                     base_kw["sigmoid"] = "exact"
                 if impl == "triton-tanh":  # tanh.approx in every pass, also the forward with a bias
@@ -280,13 +285,35 @@ def attention_rows(ns, b, h, d, rabs, skip_xla_above, only_impls=(), configs="sw
                             chosen["dq"] = pick_config(lambda c: make(dict(pins, dq_config=c))[1], cands("dq"),
                                                        arg_b, f"{tag} dq", verbose)[0]
                         pins["dq_config"] = chosen["dq"]
+                    if impl == "triton-dqst":  # its own pair: backward configs sharing one BLOCK_N, then dQ
+                        if configs == "wide":
+                            raise SystemExit("--configs wide does not cover triton-dqst; use sweep or first")
+                        kinds = {"bwd": ka.autotuned("bwds", d, rab_flag)}
+                        if "bwd_st" not in chosen:
+                            chosen["bwd_st"] = pick_config(lambda c: make(dict(pins, bwd_config=c))[1],
+                                                           launch.autotune_configs(kinds["bwd"]), arg_b,
+                                                           f"{tag} bwd", verbose)[0]
+                        pins["bwd_config"] = chosen["bwd_st"]
+                        slab = chosen["bwd_st"]["BLOCK_N"]
+                        if "dq_st" not in chosen:
+                            chosen["dq_st"] = pick_config(lambda c: make(dict(pins, dq_config=c))[1],
+                                                          launch.autotune_configs(ka.autotuned("dqs", d, rab_flag,
+                                                                                               slab)),
+                                                          arg_b, f"{tag} dq", verbose)[0]
+                        pins["dq_config"] = chosen["dq_st"]
+                elif is_triton and configs == "first" and impl == "triton-dqst":
+                    bwd0 = launch.autotune_configs(ka.autotuned("bwds", d, rab != "none"))[0]
+                    pins.update(fwd_config=launch.autotune_configs(ka.autotuned("fwd", d, rab != "none"))[0],
+                                bwd_config=bwd0,
+                                dq_config=launch.autotune_configs(ka.autotuned("dqs", d, rab != "none",
+                                                                               bwd0["BLOCK_N"]))[0])
                 elif is_triton and configs == "first":
                     for kind in ("fwd", "bwd", "dq"):
                         pins[f"{kind}_config"] = launch.autotune_configs(ka.autotuned(kind, d, rab != "none"))[0]
                 fwd, fwd_bwd = make(pins)
                 passes = (("fwd", fwd, arg_f, fwd_flop), ("fwd+bwd", fwd_bwd, arg_b, 3.5 * fwd_flop))
                 for what, fn, args, flop in passes:
-                    if impl == "triton-dqsep" and what == "fwd":
+                    if impl in ("triton-atomic", "triton-dqsep", "triton-dqst") and what == "fwd":
                         continue  # same forward kernel as "triton"
                     row = dict(kernel="hstu_attention", impl=impl, pass_=what, rab=rab, B=b, N=n, H=h, D=d,
                                dtype="bfloat16", flop=flop)

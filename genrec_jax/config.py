@@ -209,6 +209,12 @@ class ModelConfig:
     # of the [N, N] score work with C blocks. Same outputs up to float summation order.
     # 0 = the dense [N, N] form.
     attention_query_block: int = 128
+    # Triton kernels only: how the backward computes dQ. "atomic": the key-major kernel adds it
+    # with float32 atomics; "separate": a query-major kernel recomputes the scores;
+    # "stored": the key-major kernel also writes dS and one product per tile gives dQ
+    # (deterministic; a dS buffer of about B * H * N^2 / 2 values per layer's backward);
+    # "auto": stored for sequences of 1,024 and more while that buffer is at most 4 GiB.
+    attention_dq_mode: Literal["auto", "atomic", "separate", "stored"] = "auto"
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     multiscale: MultiScaleConfig = dataclasses.field(default_factory=MultiScaleConfig)
     tasks: TaskHeadsConfig = dataclasses.field(default_factory=TaskHeadsConfig)

@@ -341,15 +341,35 @@ def _hstu_fwd_kernel(
 
 
 @triton.jit
+def _ds_slab(DS, pid_bh, kb, ds_tiles, SLAB: tl.constexpr):
+    """(pointer to the first element, row stride) of key block ``kb``'s slab in the stored dS^T.
+
+    ``dq_mode="stored"`` keeps, per (sequence, head), one slab per key block of SLAB keys:
+    rows = its keys, columns = the queries from the block's first key to the end of the
+    padded length (``ds_tiles * SLAB``), so slab kb is SLAB x (ds_tiles - kb) * SLAB and the
+    (sequence, head) region holds SLAB^2 * ds_tiles * (ds_tiles + 1) / 2 values
+    (``_ds_region``): the causal half of the square and its diagonal blocks. Only the
+    (key block, query block) tiles the backward visits are written.
+    """
+    t = ds_tiles.to(tl.int64)
+    k64 = kb.to(tl.int64)
+    region = pid_bh.to(tl.int64) * (SLAB * SLAB * (t * (t + 1) // 2))
+    slab = region + SLAB * SLAB * (k64 * t - k64 * (k64 - 1) // 2)
+    return DS + slab, (t - k64) * SLAB
+
+
+@triton.jit
 def _bwd_range(
     dk, dv, dtime, k, v, offs_n, pos_n, ts_n,  # [BN, BDQK] f32, [BN, BDV] f32, [BNB] f32, [BN, *], [BN]
     start_n, lo, hi, seq_len, hist,
     Q, DO, QTS, DQ, POS_BIAS, TIME_BIAS, DPOS,  # Q/DO/QTS/DQ offset to (sequence start, head)
+    DS, ds_row,  # STORE_DS: this key block's slab of the stored dS^T (see _ds_slab) and its row stride
     alpha, inv_max_len, num_pos, num_buckets,
     H: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
     MASK: tl.constexpr,  # 0: every pair visible (off-diagonal, keys < hist); 1: full mask
     NORM_COUNT: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, SILU: tl.constexpr, NC: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, STORE_DS: tl.constexpr, PRECISION: tl.constexpr, SILU: tl.constexpr,
+    NC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_NB: tl.constexpr,
 ):
@@ -399,6 +419,10 @@ def _bwd_range(
         if MASK == 1:
             dst = tl.where(vis, dst, 0.0)
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)  # [BN, BDQK]
+        if STORE_DS:
+            # dS^T as the dK product reads it; columns are queries relative to the slab's first
+            tl.store(DS + tl.arange(0, BLOCK_N)[:, None] * ds_row + (offs_m - start_n)[None, :],
+                     dst.to(DS.dtype.element_ty))
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PRECISION) * alpha  # [BM, BDQK]
             tl.atomic_add(DQ + offs_m[:, None] * (H * DQK) + offs_dqk[None, :], dq,
@@ -447,20 +471,22 @@ def _hstu_bwd_kernel(
     POS_BIAS, TIME_BIAS,  # [P], [NB] f32
     TS, QTS,  # [T] int
     alpha, inv_max_len,
-    num_pos, num_buckets, pad_rows,
+    num_pos, num_buckets, pad_rows, ds_tiles,
     DQ,  # [T, H, DQK] f32, zero-initialised (atomic adds)
     DK, DV,  # [T, H, DQK], [T, H, DV]
     DPOS, DTIME,  # [P], [NB] f32, zero-initialised
+    DS,  # STORE_DS: [B * H * _ds_region(ds_tiles, BLOCK_N)] dS^T slabs for _hstu_bwd_dq_stored_kernel
     H: tl.constexpr, DQK: tl.constexpr, DV_DIM: tl.constexpr,
     NORM_COUNT: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
-    PADDED: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr, SILU: tl.constexpr,
-    NC: tl.constexpr,
+    PADDED: tl.constexpr, ATOMIC_DQ: tl.constexpr, STORE_DS: tl.constexpr, PRECISION: tl.constexpr,
+    SILU: tl.constexpr, NC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_NB: tl.constexpr, GROUPED: tl.constexpr,
 ):
     """One program = one (sequence, head, key block); grid (B * H, cdiv(max_len, BLOCK_N)).
-    With ATOMIC_DQ the same tiles also add alpha dS K into the f32 DQ buffer; without it DQ
-    is unused and ``_hstu_bwd_dq_kernel`` computes dQ.
+    With ATOMIC_DQ the same tiles also add alpha dS K into the f32 DQ buffer; with STORE_DS
+    they write dS^T (in the inputs' dtype) for ``_hstu_bwd_dq_stored_kernel``; with neither,
+    DQ is unused and ``_hstu_bwd_dq_kernel`` computes dQ.
 
     Query blocks visited: the diagonal ones [start_n, start_n + BLOCK_N) with the full mask,
     then (only if the key block holds history keys) every later one up to the length, without
@@ -504,25 +530,30 @@ def _hstu_bwd_kernel(
         dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
         dtime = tl.zeros([BLOCK_NB], dtype=tl.float32)
+        if STORE_DS:
+            DS_slab, ds_row = _ds_slab(DS, pid_bh, blk, ds_tiles, BLOCK_N)
+        else:
+            DS_slab = DS
+            ds_row = 0
         # diagonal query blocks (full mask), then the later ones (keys < hist only)
         dk, dv, dtime = _bwd_range(
             dk, dv, dtime, k, v, offs_n, pos_n, ts_n, start_n, start_n, tl.minimum(start_n + BLOCK_N, seq_len),
-            seq_len, hist, Q_seq, DO_seq, QTS_seq, DQ_seq, POS_BIAS, TIME_BIAS, DPOS, alpha, inv_max_len, num_pos,
-            num_buckets, H, DQK, DV_DIM, 1, NORM_COUNT, HAS_TARGETS, HAS_POS, HAS_TIME, ATOMIC_DQ,
-            PRECISION, SILU, NC, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
+            seq_len, hist, Q_seq, DO_seq, QTS_seq, DQ_seq, POS_BIAS, TIME_BIAS, DPOS, DS_slab, ds_row, alpha,
+            inv_max_len, num_pos, num_buckets, H, DQK, DV_DIM, 1, NORM_COUNT, HAS_TARGETS, HAS_POS, HAS_TIME,
+            ATOMIC_DQ, STORE_DS, PRECISION, SILU, NC, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
         if start_n < hist:
             if start_n + BLOCK_N <= hist:  # all keys are history keys: no element masks
                 dk, dv, dtime = _bwd_range(
                     dk, dv, dtime, k, v, offs_n, pos_n, ts_n, start_n, start_n + BLOCK_N, seq_len, seq_len, hist,
-                    Q_seq, DO_seq, QTS_seq, DQ_seq, POS_BIAS, TIME_BIAS, DPOS, alpha, inv_max_len, num_pos,
-                    num_buckets, H, DQK, DV_DIM, 0, NORM_COUNT, HAS_TARGETS, HAS_POS, HAS_TIME, ATOMIC_DQ,
-                    PRECISION, SILU, NC, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
+                    Q_seq, DO_seq, QTS_seq, DQ_seq, POS_BIAS, TIME_BIAS, DPOS, DS_slab, ds_row, alpha,
+                    inv_max_len, num_pos, num_buckets, H, DQK, DV_DIM, 0, NORM_COUNT, HAS_TARGETS, HAS_POS,
+                    HAS_TIME, ATOMIC_DQ, STORE_DS, PRECISION, SILU, NC, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
             else:
                 dk, dv, dtime = _bwd_range(
                     dk, dv, dtime, k, v, offs_n, pos_n, ts_n, start_n, start_n + BLOCK_N, seq_len, seq_len, hist,
-                    Q_seq, DO_seq, QTS_seq, DQ_seq, POS_BIAS, TIME_BIAS, DPOS, alpha, inv_max_len, num_pos,
-                    num_buckets, H, DQK, DV_DIM, 1, NORM_COUNT, HAS_TARGETS, HAS_POS, HAS_TIME, ATOMIC_DQ,
-                    PRECISION, SILU, NC, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
+                    Q_seq, DO_seq, QTS_seq, DQ_seq, POS_BIAS, TIME_BIAS, DPOS, DS_slab, ds_row, alpha,
+                    inv_max_len, num_pos, num_buckets, H, DQK, DV_DIM, 1, NORM_COUNT, HAS_TARGETS, HAS_POS,
+                    HAS_TIME, ATOMIC_DQ, STORE_DS, PRECISION, SILU, NC, BLOCK_M, BLOCK_N, BLOCK_DQK, BLOCK_DV, BLOCK_NB)
         dk = tl.where(key_ok[:, None], dk * alpha, 0.0)
         dv = tl.where(key_ok[:, None], dv, 0.0)
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_store[:, None] & (offs_dqk[None, :] < DQK))
@@ -658,6 +689,68 @@ def _hstu_bwd_dq_kernel(
                        hist, K_seq, V_seq, TS_seq, POS_BIAS, TIME_BIAS, alpha, num_pos, num_buckets, H, DQK, DV, 2,
                        HAS_TARGETS, HAS_POS, HAS_TIME, PRECISION, SILU, NC, BLOCK_N, BLOCK_DQK, BLOCK_DV)
         dq = tl.where(row_ok[:, None], dq * alpha, 0.0)
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=store_mask)
+    else:
+        if PADDED:
+            tl.store(dq_ptrs, tl.zeros([BLOCK_M, BLOCK_DQK], dtype=DQ.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _hstu_bwd_dq_stored_kernel(
+    DS, K,  # dS^T slabs (see _ds_slab), [T, H, DQK]
+    SEQ_STARTS, SEQ_LENS, NUM_TARGETS,  # [B] int32
+    alpha, pad_rows, ds_tiles,
+    DQ,  # [T, H, DQK]
+    H: tl.constexpr, DQK: tl.constexpr, HAS_TARGETS: tl.constexpr, PADDED: tl.constexpr,
+    PRECISION: tl.constexpr, SLAB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, GROUPED: tl.constexpr,
+):
+    """dQ_i = alpha sum_j dS_ij k_j from the dS the key-major backward stored
+    (``dq_mode="stored"``): one product per tile, no recomputation of S, the biases or dA.
+    Grid (B * H, cdiv(max_len, BLOCK_M)); BLOCK_M and BLOCK_N divide SLAB. Per query block:
+    the key blocks before its diagonal block that hold history keys (all of them without
+    targets), then the diagonal block's keys up to the block's last query. Those are exactly
+    the tiles the backward wrote; entries it masked are zeros there.
+    """
+    pid_bh, blk = _block_of_program(GROUPED)
+    b = pid_bh // H
+    h = pid_bh % H
+    start_m = (tl.num_programs(1) - 1 - blk) * BLOCK_M
+    seq_start = tl.load(SEQ_STARTS + b).to(tl.int64)
+    seq_len = tl.load(SEQ_LENS + b)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_i = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    dq_ptrs = DQ + (seq_start * H + h) * DQK + offs_m[:, None] * (H * DQK) + offs_dqk[None, :]
+    if PADDED:
+        store_mask = (offs_m < pad_rows)[:, None] & (offs_dqk[None, :] < DQK)
+    else:
+        store_mask = (offs_m < seq_len)[:, None] & (offs_dqk[None, :] < DQK)
+    if start_m < seq_len:
+        kb_diag = start_m // SLAB
+        if HAS_TARGETS:
+            hist = tl.minimum(tl.maximum(seq_len - tl.load(NUM_TARGETS + b), 0), seq_len)
+            n_off = tl.minimum(kb_diag, tl.cdiv(hist, SLAB))
+        else:
+            n_off = kb_diag
+        K_seq = K + (seq_start * H + h) * DQK
+        dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+        for j in range(0, n_off * SLAB, BLOCK_N):  # keys before the diagonal block: all < start_m
+            kb = j // SLAB
+            slab, ds_row = _ds_slab(DS, pid_bh, kb, ds_tiles, SLAB)
+            dst = tl.load(slab + (j - kb * SLAB + offs_i)[:, None] * ds_row + (offs_m - kb * SLAB)[None, :])
+            k = _load_rows(K_seq, j + offs_i, offs_dqk, H * DQK, DQK, BLOCK_DQK)  # [BN, BDQK]
+            dq = tl.dot(tl.trans(dst), k, dq, input_precision=PRECISION)  # [BM, BDQK]
+        d0 = kb_diag * SLAB
+        slab, ds_row = _ds_slab(DS, pid_bh, kb_diag, ds_tiles, SLAB)
+        for j in range(d0, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
+            rows = j + offs_i
+            dst = tl.load(slab + (rows - d0)[:, None] * ds_row + (offs_m - d0)[None, :])
+            k = tl.load(K_seq + rows[:, None] * (H * DQK) + offs_dqk[None, :],
+                        mask=(rows < seq_len)[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+            dq = tl.dot(tl.trans(dst), k, dq, input_precision=PRECISION)
+        # rows past the length may have read columns the backward never wrote: dropped here
+        dq = tl.where((offs_m < seq_len)[:, None], dq * alpha, 0.0)
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=store_mask)
     else:
         if PADDED:
@@ -807,6 +900,23 @@ def dq_configs(head_dim: int, rab: bool) -> list:
     return [_cfg(128, 64, 8, 4), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2), _cfg(128, 32, 8, 4)]
 
 
+def bwd_stored_configs(head_dim: int, rab: bool) -> list:
+    """``bwd_configs`` with the first one's BLOCK_N: with ``dq_mode="stored"`` the dS buffer's
+    layout (``_ds_slab``) is fixed before a configuration is chosen."""
+    configs = bwd_configs(head_dim, rab)
+    slab = configs[0].kwargs["BLOCK_N"]
+    return [c for c in configs if c.kwargs["BLOCK_N"] == slab]
+
+
+def dq_stored_configs(head_dim: int, rab: bool, slab: int) -> list:
+    """The stored-dS dQ kernel: one product per tile, bound by reading dS; BLOCK_M and
+    BLOCK_N (key rows per step) must divide the slab (the backward's BLOCK_N)."""
+    del head_dim, rab  # the tile holds no bias work; listed for a uniform ``autotuned`` key
+    cands = [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 128, 4, 2), _cfg(128, 128, 8, 2),
+             _cfg(64, 32, 4, 3), _cfg(32, 32, 4, 2), _cfg(16, 16, 4, 2)]
+    return [c for c in cands if slab % c.kwargs["BLOCK_M"] == 0 and slab % c.kwargs["BLOCK_N"] == 0]
+
+
 def cached_configs(num_queries: int) -> list:
     if num_queries <= 16:
         return [_cfg(16, 64, 4, 3), _cfg(16, 128, 4, 2)]
@@ -814,12 +924,14 @@ def cached_configs(num_queries: int) -> list:
 
 
 _KERNELS = {"fwd": (_hstu_fwd_kernel, fwd_configs), "bwd": (_hstu_bwd_kernel, bwd_configs),
-            "dq": (_hstu_bwd_dq_kernel, dq_configs), "cached": (_hstu_cached_kernel, cached_configs)}
+            "dq": (_hstu_bwd_dq_kernel, dq_configs), "cached": (_hstu_cached_kernel, cached_configs),
+            "bwds": (_hstu_bwd_kernel, bwd_stored_configs), "dqs": (_hstu_bwd_dq_stored_kernel, dq_stored_configs)}
 
 
 @functools.lru_cache(maxsize=None)
 def autotuned(kind: str, *config_args) -> triton.runtime.Autotuner:
-    """The autotuned kernel ``kind`` ("fwd", "bwd", "dq", "cached") over ``<kind>_configs(*args)``."""
+    """The autotuned kernel ``kind`` ("fwd", "bwd", "dq", "cached"; "bwds", "dqs": the pair of
+    ``dq_mode="stored"``) over its configuration list called with ``*config_args``."""
     kernel, configs = _KERNELS[kind]
     key = "cache_len" if kind == "cached" else "pad_rows"
     return triton.autotune(configs=configs(*config_args), key=[key])(kernel)
@@ -835,6 +947,15 @@ INTERPRET_FWD_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "EARLY_S": 0, "num_warps":
 INTERPRET_BWD_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 INTERPRET_CACHED_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 INTERPRET_DQ_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+INTERPRET_DQS_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+DQ_MODES = ("auto", "atomic", "separate", "stored")
+# dq_mode="auto" stores dS (``_ds_slab``) from this length on, if the buffer fits the limit
+# below; "atomic" otherwise. H100, B=32 H=4 D=128 bf16, forward+backward: stored 0.367 against
+# 0.447 ms (atomic) at N=1024, 3.36-3.47 against 3.81-3.83 ms at N=4096, 12.16 against 12.98
+# ms at N=8192; at the training shape (B=64 N=512 H=8 D=64, both biases) 0.868 against 0.879
+# ms, no gain (NOTES.md, 20th session).
+STORED_DS_MIN_LEN = 1024
+STORED_DS_AUTO_MAX_BYTES = 4 << 30
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -848,10 +969,34 @@ def _pinned(**configs) -> tuple:
     return tuple((kind, tuple(sorted(cfg.items()))) for kind, cfg in configs.items() if cfg is not None)
 
 
-def _dq_atomic(dq_mode: str) -> bool:
-    if dq_mode not in ("atomic", "separate"):
-        raise ValueError(f"dq_mode must be 'atomic' or 'separate', got {dq_mode!r}")
-    return dq_mode == "atomic"
+def _dq_mode(dq_mode: str, *, batch: int, heads: int, max_seq_len: int, head_dim: int, rab: bool, dtype,
+             bwd_config: dict | None, mode: str) -> str:
+    """``dq_mode`` with "auto" resolved (see STORED_DS_MIN_LEN)."""
+    if dq_mode not in DQ_MODES:
+        raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
+    if dq_mode != "auto":
+        return dq_mode
+    if max_seq_len < STORED_DS_MIN_LEN:
+        return "atomic"
+    if bwd_config is not None:
+        slab = bwd_config["BLOCK_N"]
+    elif mode == "interpret":
+        slab = INTERPRET_BWD_CONFIG["BLOCK_N"]
+    else:
+        slab = bwd_stored_configs(head_dim, rab)[0].kwargs["BLOCK_N"]
+    nbytes = stored_ds_bytes(batch, heads, max_seq_len, slab, jnp.dtype(dtype).itemsize)
+    return "stored" if nbytes <= STORED_DS_AUTO_MAX_BYTES else "atomic"
+
+
+def _ds_elements(batch: int, heads: int, max_seq_len: int, slab: int) -> int:
+    tiles = -(-max_seq_len // slab)
+    return batch * heads * slab * slab * tiles * (tiles + 1) // 2
+
+
+def stored_ds_bytes(batch: int, heads: int, max_seq_len: int, slab: int, itemsize: int = 2) -> int:
+    """Bytes of the dS buffer that ``dq_mode="stored"`` allocates for one backward pass
+    (``slab``: the backward's BLOCK_N; ``itemsize``: of the inputs' dtype)."""
+    return _ds_elements(batch, heads, max_seq_len, slab) * itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -874,12 +1019,25 @@ class _Static:
     num_buckets: int
     precision: str
     silu: tuple  # (forward, backward) _silu_mode
-    dq_atomic: bool
+    dq_mode: str  # "atomic", "separate" or "stored" (see hstu_attention_triton)
     configs: tuple  # ((kernel kind, frozen config), ...) pinned by the caller
     mode: str
 
-    def config(self, which: str) -> dict | None:
-        """The pinned configuration for kernel ``which``; None lets jax-triton autotune."""
+    @property
+    def dq_atomic(self) -> bool:
+        return self.dq_mode == "atomic"
+
+    @property
+    def dq_stored(self) -> bool:
+        return self.dq_mode == "stored"
+
+    def slab(self) -> int:
+        """The backward's BLOCK_N, which sets the stored dS layout (``_ds_slab``)."""
+        return self.config("bwd", resolve=True)["BLOCK_N"]
+
+    def config(self, which: str, resolve: bool = False) -> dict | None:
+        """The pinned configuration for kernel ``which``; None lets jax-triton autotune
+        (``resolve``: the configuration every candidate shares the block sizes of instead)."""
         cfg = dict(self.configs).get(which)
         if cfg is not None:
             cfg = dict(cfg)
@@ -887,13 +1045,19 @@ class _Static:
                 cfg.setdefault("EARLY_S", 0)
             return cfg
         if self.mode == "interpret":
-            return dict({"fwd": INTERPRET_FWD_CONFIG, "bwd": INTERPRET_BWD_CONFIG, "dq": INTERPRET_DQ_CONFIG}[which])
-        if self.mode == "torch":
+            dq = INTERPRET_DQS_CONFIG if self.dq_stored else INTERPRET_DQ_CONFIG
+            return dict({"fwd": INTERPRET_FWD_CONFIG, "bwd": INTERPRET_BWD_CONFIG, "dq": dq}[which])
+        if self.mode == "torch" or resolve:
             return launch.autotune_configs(self.kernel(which))[0]
         return None
 
     def kernel(self, which: str):
-        return autotuned(which, max(self.dqk, self.dv), self.has_pos or self.has_time)
+        d, rab = max(self.dqk, self.dv), self.has_pos or self.has_time
+        if self.dq_stored and which == "bwd":
+            return autotuned("bwds", d, rab)
+        if self.dq_stored and which == "dq":
+            return autotuned("dqs", d, rab, self.slab())
+        return autotuned(which, d, rab)
 
     def meta(self, which: str) -> dict:
         return dict(H=self.heads, DQK=self.dqk, NORM_COUNT=self.norm_count, HAS_TARGETS=self.has_targets,
@@ -921,9 +1085,19 @@ def _backward(st: _Static, q, k, v, pos_bias, time_bias, starts, lens, targets, 
     t = q.shape[0]
     b = starts.shape[0]
     dq_shape = (t, st.heads, st.dqk) if st.dq_atomic else (1,)  # unused by the kernel without atomics
-    dq, dk, dv, dpos, dtime = launch.triton_call(
+    if st.dq_stored:
+        slab = st.slab()
+        tiles = triton.cdiv(st.max_seq_len, slab)
+        ds_shape = (_ds_elements(b, st.heads, st.max_seq_len, slab),)
+        dq_cfg = st.config("dq", resolve=True)
+        if slab % dq_cfg["BLOCK_M"] or slab % dq_cfg["BLOCK_N"]:
+            raise ValueError(f"dq_mode='stored': dq_config's BLOCK_M and BLOCK_N must divide the backward's "
+                             f"BLOCK_N ({slab}), got {dq_cfg}")
+    else:
+        slab, tiles, ds_shape = 0, 0, (1,)
+    dq, dk, dv, dpos, dtime, ds = launch.triton_call(
         q, k, v, dout, starts, lens, targets, pos_bias, time_bias, ts, qts,
-        st.alpha, st.inv_max_len, st.num_pos, st.num_buckets, st.pad_rows,
+        st.alpha, st.inv_max_len, st.num_pos, st.num_buckets, st.pad_rows, tiles,
         kernel=st.kernel("bwd"),
         out_shape=[
             jax.ShapeDtypeStruct(dq_shape, jnp.float32),
@@ -931,14 +1105,26 @@ def _backward(st: _Static, q, k, v, pos_bias, time_bias, starts, lens, targets, 
             jax.ShapeDtypeStruct((t, st.heads, st.dv), v.dtype),
             jax.ShapeDtypeStruct(pos_bias.shape, jnp.float32),
             jax.ShapeDtypeStruct(time_bias.shape, jnp.float32),
+            jax.ShapeDtypeStruct(ds_shape, q.dtype),
         ],
         grid=lambda meta: (b * st.heads, triton.cdiv(st.max_seq_len, meta["BLOCK_N"])),
         name="hstu_attention_bwd", zeroed_outputs=(0, 3, 4), config=st.config("bwd"), mode=st.mode,
         DV_DIM=st.dv, BLOCK_NB=max(16, triton.next_power_of_2(st.num_buckets)), ATOMIC_DQ=st.dq_atomic,
-        **st.meta("bwd"),
+        STORE_DS=st.dq_stored, **st.meta("bwd"),
     )
     if st.dq_atomic:
         return dq.astype(q.dtype), dk, dv, dpos, dtime
+    if st.dq_stored:
+        (dq,) = launch.triton_call(
+            ds, k, starts, lens, targets, st.alpha, st.pad_rows, tiles,
+            kernel=st.kernel("dq"),
+            out_shape=[jax.ShapeDtypeStruct((t, st.heads, st.dqk), q.dtype)],
+            grid=lambda meta: (b * st.heads, triton.cdiv(st.max_seq_len, meta["BLOCK_M"])),
+            name="hstu_attention_bwd_dq_stored", config=st.config("dq"), mode=st.mode,
+            H=st.heads, DQK=st.dqk, HAS_TARGETS=st.has_targets, PADDED=st.padded, PRECISION=st.precision,
+            SLAB=slab, BLOCK_DQK=_block(st.dqk), GROUPED=st.max_seq_len >= GROUP_MIN_LEN,
+        )
+        return dq, dk, dv, dpos, dtime
     (dq,) = launch.triton_call(
         q, k, v, dout, starts, lens, targets, pos_bias, time_bias, ts, qts,
         st.alpha, st.inv_max_len, st.num_pos, st.num_buckets, st.pad_rows,
@@ -1032,7 +1218,7 @@ def hstu_attention_triton(
     query_timestamps: jax.Array | None = None,
     precision: str | None = None,
     sigmoid: Literal["auto", "exact", "tanh"] = "auto",
-    dq_mode: Literal["atomic", "separate"] = "atomic",
+    dq_mode: Literal["auto", "atomic", "separate", "stored"] = "auto",
     fwd_config: dict | None = None,
     bwd_config: dict | None = None,
     dq_config: dict | None = None,
@@ -1043,8 +1229,12 @@ def hstu_attention_triton(
 
     Differentiable (``jax.grad`` w.r.t. q, k, v, pos_bias, time_bias) through Triton backward
     kernels. Extra options: ``precision`` for float32 inputs ("ieee", the default, or "tf32");
-    ``dq_mode``: "atomic" (dQ added with f32 atomics by the key-major backward kernel) or
-    "separate" (a query-major kernel recomputes S; deterministic, no atomics); ``sigmoid``:
+    ``dq_mode``: "atomic" (dQ added with f32 atomics by the key-major backward kernel),
+    "separate" (a query-major kernel recomputes S; deterministic, no atomics) or "stored"
+    (the key-major kernel also writes dS, a second kernel multiplies it by K; deterministic,
+    with a dS buffer of ``stored_ds_bytes`` for the pass) or "auto" (the default: "stored"
+    from ``STORED_DS_MIN_LEN`` on while that buffer is at most ``STORED_DS_AUTO_MAX_BYTES``,
+    "atomic" otherwise); ``sigmoid``:
     "exact", "tanh" (one ``tanh.approx`` instruction per pair on the GPU) or "auto" (tanh for
     16-bit inputs except the forward with a bias, exact for float32; see ``_silu_mode``);
     ``fwd_config``/``bwd_config``/``dq_config`` pin {"BLOCK_M", "BLOCK_N", "num_warps",
@@ -1065,7 +1255,8 @@ def hstu_attention_triton(
         precision=_precision(q.dtype, precision),
         silu=tuple(_silu_mode(q.dtype, mode, sigmoid, kind, pos_bias is not None or has_time)
                    for kind in ("fwd", "bwd")),
-        dq_atomic=_dq_atomic(dq_mode),
+        dq_mode=_dq_mode(dq_mode, batch=b, heads=h, max_seq_len=n, head_dim=max(dqk, dv),
+                         rab=pos_bias is not None or has_time, dtype=q.dtype, bwd_config=bwd_config, mode=mode),
         configs=_pinned(fwd=fwd_config, bwd=bwd_config, dq=dq_config), mode=mode,
     )
     starts = jnp.arange(b, dtype=jnp.int32) * n
@@ -1098,7 +1289,7 @@ def hstu_attention_jagged_triton(
     query_timestamps: jax.Array | None = None,  # [T]
     precision: str | None = None,
     sigmoid: Literal["auto", "exact", "tanh"] = "auto",
-    dq_mode: Literal["atomic", "separate"] = "atomic",
+    dq_mode: Literal["auto", "atomic", "separate", "stored"] = "auto",
     fwd_config: dict | None = None,
     bwd_config: dict | None = None,
     dq_config: dict | None = None,
@@ -1122,7 +1313,9 @@ def hstu_attention_jagged_triton(
         precision=_precision(q.dtype, precision),
         silu=tuple(_silu_mode(q.dtype, mode, sigmoid, kind, pos_bias is not None or has_time)
                    for kind in ("fwd", "bwd")),
-        dq_atomic=_dq_atomic(dq_mode),
+        dq_mode=_dq_mode(dq_mode, batch=seq_offsets.shape[0] - 1, heads=h, max_seq_len=int(max_seq_len),
+                         head_dim=max(dqk, dv), rab=pos_bias is not None or has_time, dtype=q.dtype,
+                         bwd_config=bwd_config, mode=mode),
         configs=_pinned(fwd=fwd_config, bwd=bwd_config, dq=dq_config), mode=mode,
     )
     offs = seq_offsets.astype(jnp.int32)

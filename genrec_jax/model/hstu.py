@@ -56,6 +56,7 @@ class HSTULayer(nnx.Module):
         backend: str = "auto",
         remat_attention: bool = False,
         query_block: int = 0,
+        dq_mode: str = "auto",
         make_norm=None,
         ffn: nnx.Module | None = None,
     ):
@@ -63,6 +64,7 @@ class HSTULayer(nnx.Module):
         self.max_len, self.dropout_rate, self.attn_norm = max_len, dropout_rate, attn_norm
         self.backend, self.dtype, self.remat_attention = backend, dtype, remat_attention
         self.query_block = query_block
+        self.dq_mode = dq_mode
         make_norm = make_norm or (lambda d: LayerNorm(d, rngs=rngs))
         self.in_norm = make_norm(embed_dim)
         # W1: [embed, heads, 2*dv + 2*dqk]; heads kept as their own axis so tensor
@@ -128,7 +130,7 @@ class HSTULayer(nnx.Module):
             pos_bias=pos, time_bias=tb,
             timestamps=ctx.timestamps if tb is not None else None,
             query_timestamps=ctx.query_timestamps if tb is not None else None,
-            backend=self.backend, remat=self.remat_attention, query_block=self.query_block,
+            backend=self.backend, remat=self.remat_attention, query_block=self.query_block, dq_mode=self.dq_mode,
         )
         y, aux = self.finish(x, attn, u, ctx, key)
         if return_cache:

@@ -74,7 +74,7 @@ class Recommender(nnx.Module):
                         rab_position=cfg.rab_position, rab_time=cfg.rab_time,
                         num_time_buckets=cfg.num_time_buckets, rngs=rngs, dtype=self.dtype,
                         backend=cfg.attention_backend, remat_attention=cfg.attention_remat,
-                        query_block=cfg.attention_query_block,
+                        query_block=cfg.attention_query_block, dq_mode=cfg.attention_dq_mode,
                         make_norm=make_norm, ffn=ffn,
                     )
                 )

@@ -332,6 +332,7 @@ def hstu_attention(
     backend: Backend = "auto",
     remat: bool = False,
     query_block: int = 0,
+    dq_mode: Literal["auto", "atomic", "separate", "stored"] = "auto",
 ) -> jax.Array:
     """HSTU self-attention over padded sequences. q, k: [B, N, H, Dqk]; v: [B, N, H, Dv].
 
@@ -339,7 +340,8 @@ def hstu_attention(
     ``num_targets`` [B] optional M-FALCON candidates at the end of each row. XLA path only:
     ``remat`` makes the backward recompute the scores instead of keeping them;
     ``query_block`` > 0 computes blocks of that many queries against the keys up to each
-    block's end (``hstu_attention_blocked``; 0 = the dense [N, N] reference).
+    block's end (``hstu_attention_blocked``; 0 = the dense [N, N] reference). Triton path
+    only: ``dq_mode`` picks how the backward computes dQ (``hstu_attention_triton``).
     """
     if alpha is None:
         alpha = 1.0 / math.sqrt(q.shape[-1])
@@ -364,7 +366,8 @@ def hstu_attention(
         def call(q, k, v, lengths, num_targets, pos_bias, time_bias, timestamps, query_timestamps):
             return hstu_attention_triton(
                 q, k, v, lengths, alpha=alpha, max_len=max_len, norm=norm, num_targets=num_targets,
-                pos_bias=pos_bias, time_bias=time_bias, timestamps=timestamps, query_timestamps=query_timestamps)
+                pos_bias=pos_bias, time_bias=time_bias, timestamps=timestamps, query_timestamps=query_timestamps,
+                dq_mode=dq_mode)
 
         rows, seqs, heads = ("batch",), ("batch", None), ("batch", None, "heads", None)
         return per_shard(

@@ -349,7 +349,7 @@ def test_interpreter_forward_early_scores_random_shapes(seed, n, b, targets):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("dq_mode", ["atomic", "separate"])
+@pytest.mark.parametrize("dq_mode", ["atomic", "separate", "stored"])
 def test_interpreter_grouped_launch_order_matches_float64(monkeypatch, dq_mode):
     """The block-fastest launch order that long sequences use (GROUP_MIN_LEN lowered so a
     short problem takes it): every program still covers its own block, forward and backward,
@@ -397,6 +397,9 @@ BACKWARD_CASES = [  # dtype, norm, targets, pos, time, dq_mode
     ("float32", "max_len", False, True, True, "separate"),
     ("bfloat16", "causal_count", True, True, True, "atomic"),
     ("bfloat16", "max_len", False, True, False, "separate"),
+    ("float32", "causal_count", True, True, True, "stored"),
+    ("float32", "max_len", False, False, False, "stored"),
+    ("bfloat16", "max_len", False, True, True, "stored"),
 ]
 
 
@@ -447,6 +450,60 @@ def test_interpreter_backward_many_targets_and_odd_dims():
     p["num_targets"] = np.array([20, 33], np.int32)
     _check_backward(p, n, dtype="float32", norm="causal_count", mode="interpret")
     _check_backward(p, n, dtype="float32", norm="causal_count", mode="interpret", dq_mode="separate")
+    _check_backward(p, n, dtype="float32", norm="causal_count", mode="interpret", dq_mode="stored")
+
+
+STORED_BWD = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+
+@needs_interpreter
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 110), b=st.integers(1, 3), targets=st.booleans(),
+       bias=st.booleans(), dq_block=st.sampled_from([(16, 16), (32, 16), (16, 32), (32, 32)]))
+def test_interpreter_stored_ds_backward_random_shapes(seed, n, b, targets, bias, dq_block):
+    """dq_mode="stored": the dQ kernel reads back exactly the dS tiles the key-major kernel
+    wrote (unwritten ones are NaN in the interpreter), for any length, several slabs, history
+    and candidate blocks, and any dQ tile that divides the slab."""
+    rng = np.random.default_rng(seed)
+    p = make_problem(rng, b, n, 2, 16, 16, targets=targets, pos=bias, time=bias)
+    dq_cfg = {"BLOCK_M": dq_block[0], "BLOCK_N": dq_block[1], "num_warps": 4, "num_stages": 1}
+    _check_backward(p, n, dtype="float32", norm="causal_count", mode="interpret", dq_mode="stored",
+                    bwd_config=STORED_BWD, dq_config=dq_cfg)
+
+
+@needs_interpreter
+def test_stored_ds_buffer_size_and_bad_dq_config():
+    from genrec_jax.kernels import hstu_attention as ka
+
+    # B=32, H=4, N=4096, slab 128: 32 x 33 / 2 tiles of 128 x 128 per (sequence, head), bf16
+    assert ka.stored_ds_bytes(32, 4, 4096, 128) == 32 * 4 * 528 * 128 * 128 * 2
+    assert ka.stored_ds_bytes(1, 1, 1, 16, itemsize=4) == 16 * 16 * 4
+    rng = np.random.default_rng(3)
+    p = make_problem(rng, 2, 20, 1, 16, 16, pos=False, time=False)
+    with pytest.raises(ValueError, match="must divide"):
+        _check_backward(p, 20, dtype="float32", norm="max_len", mode="interpret", dq_mode="stored",
+                        bwd_config=STORED_BWD, dq_config={"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4,
+                                                          "num_stages": 1})
+    with pytest.raises(ValueError, match="dq_mode must be one of"):
+        _check_backward(p, 20, dtype="float32", norm="max_len", mode="interpret", dq_mode="dense")
+
+
+@needs_triton
+def test_dq_mode_auto_stores_ds_for_long_sequences_within_the_memory_limit():
+    from genrec_jax.kernels import hstu_attention as ka
+
+    def auto(b, n, **kw):
+        args = dict(batch=b, heads=4, max_seq_len=n, head_dim=128, rab=False, dtype=jnp.bfloat16, bwd_config=None,
+                    mode="jax_triton")
+        return ka._dq_mode("auto", **{**args, **kw})
+
+    assert auto(32, ka.STORED_DS_MIN_LEN - 1) == "atomic"
+    assert auto(32, 4096) == "stored"  # 2.2 GB of dS
+    assert ka.stored_ds_bytes(32, 4, 8192, 128) > ka.STORED_DS_AUTO_MAX_BYTES
+    assert auto(32, 8192) == "atomic"
+    assert auto(8, 8192) == "stored"
+    assert auto(32, 4096, dtype=jnp.float32) == "atomic"  # float32 dS: 4.43 GB, over 4 GiB
+    assert auto(2, 2048, bwd_config={"BLOCK_M": 16, "BLOCK_N": 32}) == "stored"
 
 
 CACHED_CASES = [
@@ -516,7 +573,7 @@ def test_interpreter_under_jit():
 
 
 @needs_triton
-@pytest.mark.parametrize("kind", ["fwd", "bwd", "dq", "cached"])
+@pytest.mark.parametrize("kind", ["fwd", "bwd", "dq", "cached", "bwds", "dqs"])
 def test_compiles_for_sm90_within_shared_memory(kind):
     """Every kernel compiles to sm_90 (wgmma) with all features on, bf16, D = 128, in the
     first autotune configuration, within the H100's 227 KB of shared memory per block."""
@@ -530,10 +587,16 @@ def test_compiles_for_sm90_within_shared_memory(kind):
     if kind == "fwd":
         kernel = ka.autotuned("fwd", 128, True)
         meta = dict(flags, DV=128, HAS_TARGETS=True, PADDED=True, GROUPED=True)
-    elif kind == "bwd":
-        kernel = ka.autotuned("bwd", 128, True)
-        meta = dict(flags, DV_DIM=128, HAS_TARGETS=True, PADDED=True, BLOCK_NB=64, ATOMIC_DQ=True, GROUPED=True)
-        ptr["DV"] = "*bf16"
+    elif kind in ("bwd", "bwds"):
+        kernel = ka.autotuned(kind, 128, True)
+        meta = dict(flags, DV_DIM=128, HAS_TARGETS=True, PADDED=True, BLOCK_NB=64, ATOMIC_DQ=kind == "bwd",
+                    STORE_DS=kind == "bwds", GROUPED=True)
+        ptr.update(DV="*bf16", DS="*bf16")
+    elif kind == "dqs":
+        kernel = ka.autotuned("dqs", 128, True, 64)
+        meta = dict(H=4, DQK=128, HAS_TARGETS=True, PADDED=True, PRECISION="tf32", SLAB=64, BLOCK_DQK=128,
+                    GROUPED=True)
+        ptr.update(DQ="*bf16", DS="*bf16")
     elif kind == "dq":
         kernel = ka.autotuned("dq", 128, True)
         meta = dict(flags, DV=128, HAS_TARGETS=True, PADDED=True, GROUPED=True)
@@ -560,6 +623,8 @@ def test_compiles_for_sm90_within_shared_memory(kind):
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     assert compiled.metadata.shared <= 232448
     assert "mma" in compiled.asm["ptx"]
+    if kind == "dqs":
+        return  # one product per tile: no SiLU, no bias tables
     assert flags["SILU"] == 2 and "tanh.approx.f32" in compiled.asm["ptx"]  # one MUFU op per pair (bf16)
     # bias tables gathered by ld.global.nc (a tl.load would be pipelined into 4-byte cp.async)
     assert flags["NC"] == 1 and "ld.global.nc.f32" in compiled.asm["ptx"]
@@ -607,3 +672,31 @@ def test_gpu_dispatch_uses_triton():
     want = oracle(p["q"], p["k"], p["v"], problem_terms(p, n), p["pos_bias"], None, alpha=1 / math.sqrt(32),
                   norm="max_len", max_len=n)
     assert rel_err(got, want) < 1e-5
+
+
+@needs_interpreter
+def test_dispatch_passes_dq_mode_to_the_kernels(monkeypatch):
+    """``hstu_attention(..., backend="triton", dq_mode=)`` (what ``model.attention_dq_mode``
+    sets) reaches the kernels: "stored" gradients equal the reference's, and a bad mode is
+    refused by name."""
+    from genrec_jax.ops import hstu_attention as ops
+
+    monkeypatch.setattr(ops, "triton_available", lambda: True)
+    monkeypatch.setenv("GENREC_TRITON_LAUNCH", "interpret")
+    rng = np.random.default_rng(29)
+    b, n, h, d = 2, 40, 2, 16
+    q, k, v, w = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(4))
+    lengths = jnp.asarray([n, 23], jnp.int32)
+    pos = jnp.asarray(rng.normal(size=(n + 1,)) * 0.3, jnp.float32)
+
+    def grads(backend, dq_mode="atomic"):
+        def f(q, k, v, pos):
+            out = ops.hstu_attention(q, k, v, lengths, max_len=n, pos_bias=pos, backend=backend, dq_mode=dq_mode)
+            return jnp.sum(out * w)
+        return jax.grad(f, argnums=(0, 1, 2, 3))(q, k, v, pos)
+
+    want = grads("xla")
+    for name, g, r in zip(("q", "k", "v", "pos_bias"), grads("triton", "stored"), want):
+        assert rel_err(g, r) < 1e-5, name
+    with pytest.raises(ValueError, match="dq_mode must be one of"):
+        grads("triton", "nope")
