@@ -8,7 +8,9 @@ Per rate it reports the achieved rate (200s per second), p50 / p95 / p99 latency
 admitted (200) requests as the client sees them, the server's own p99 (from /metrics,
 bucket upper bound) and, from the engine's histograms, the p99 of the requests' wait in
 the batcher queue ("wait p99") and of the batches' execution ("batch p99", dispatch to
-answers, per batch), every error by status, and how late the generator fell behind its
+answers, per batch); with front ends split off (--workers), also the p99 of a request's
+round trip from a front end to the engine process ("rt p99") and of its time inside the
+engine process, frame read to answer written ("eng p99"); every error by status, and how late the generator fell behind its
 schedule ("gen lag": when large, the client machine, not the server, is saturated). Past
 saturation the server should refuse with fast 503s (bounded queue, bounded in-flight
 requests) while admitted requests keep a bounded latency.
@@ -250,7 +252,8 @@ class RawClient:
 # /v1/ endpoints), the engine's queue wait (per request) and batch time (per batch, dispatch
 # to answers). Their difference says where an admitted request's time went.
 HISTOGRAMS = {"latency": "genrec_request_latency_seconds_bucket",
-              "queue_wait": "genrec_request_queue_wait_seconds_bucket", "batch": "genrec_batch_seconds_bucket"}
+              "queue_wait": "genrec_request_queue_wait_seconds_bucket", "batch": "genrec_batch_seconds_bucket",
+              "roundtrip": "genrec_engine_roundtrip_seconds_bucket", "engine": "genrec_engine_request_seconds_bucket"}
 
 
 async def server_counts(client: RawClient) -> dict:
@@ -396,6 +399,8 @@ async def run_rate(client: RawClient, rate: float, args, work: Workload) -> dict
         "server_queue_wait_p99_ms": server_quantile(before, after, 0.99, "queue_wait"),
         "server_batch_p99_ms": server_quantile(before, after, 0.99, "batch"),
         "server_batch_p50_ms": server_quantile(before, after, 0.50, "batch"),
+        "server_roundtrip_p99_ms": server_quantile(before, after, 0.99, "roundtrip"),
+        "server_engine_p99_ms": server_quantile(before, after, 0.99, "engine"),
         "status_503": len(refused), "p50_503_ms": pct(refused, 50), "p99_503_ms": pct(refused, 99),
         "status_504": sum(s == 504 for s, _, _ in records),
         "other_errors": sum(s not in (200, 503, 504) for s, _, _ in records),
@@ -434,7 +439,8 @@ async def run_all(url: str, args) -> list[dict]:
 
 
 HEADER = (f"{'offered/s':>10}{'sent':>7}{'achieved/s':>12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
-          f"{'srv p99':>9}{'wait p99':>9}{'batch p99':>10}{'503':>7}{'503 p99':>9}{'504':>6}{'other':>7}"
+          f"{'srv p99':>9}{'rt p99':>8}{'eng p99':>9}{'wait p99':>9}{'batch p99':>10}{'503':>7}{'503 p99':>9}"
+          f"{'504':>6}{'other':>7}"
           f"{'gen lag':>9}  errors by type")
 
 
@@ -449,6 +455,7 @@ def print_row(r):
         print_row.done = True
     print(f"{r['offered_rps']:>10.0f}{r['sent']:>7}{r['achieved_rps']:>12.1f}{fmt(r['p50_ms'], 9)}"
           f"{fmt(r['p95_ms'], 9)}{fmt(r['p99_ms'], 9)}{fmt(r['server_p99_ms'], 9)}"
+          f"{fmt(r.get('server_roundtrip_p99_ms'), 8)}{fmt(r.get('server_engine_p99_ms'), 9)}"
           f"{fmt(r.get('server_queue_wait_p99_ms'), 9)}{fmt(r.get('server_batch_p99_ms'), 10)}{r['status_503']:>7}"
           f"{fmt(r['p99_503_ms'], 9)}{r['status_504']:>6}{r['other_errors'] + r['generator_dropped']:>7}"
           f"{r['generator_max_lag_ms']:>9.0f}  {' '.join(f'{k}:{v}' for k, v in r['error_kinds'].items())}",

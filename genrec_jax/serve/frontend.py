@@ -175,6 +175,7 @@ def _exposition_registry(metrics: RequestMetrics) -> CollectorRegistry:
 def create_frontend_app(cfg: ServeConfig, client: EngineClient) -> FastAPI:
     """The public API, forwarding to the engine process through ``client``."""
     metrics = RequestMetrics()
+    client.on_roundtrip = lambda op, seconds: metrics.engine_roundtrip.labels(op).observe(seconds)
     remote = RemoteEngine(cfg, client, metrics)
 
     @contextlib.asynccontextmanager

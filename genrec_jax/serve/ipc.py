@@ -38,8 +38,9 @@ import itertools
 import logging
 import os
 import struct
+import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import orjson
@@ -179,16 +180,23 @@ def _internal_reply(rid: Any, op: Any, exc: BaseException) -> dict:
                                  "message": f"internal error (reference {ref}); the server log has the details"}}
 
 
+# The operations whose times the request-path histograms record (not control calls).
+MODEL_OPS = frozenset({"recommend", "rank"})
+
+
 class EngineServer:
     """The engine process's end: a Unix socket server answering frames with ``service``.
 
     ``service`` has async ``recommend / rank / add_items / list_items`` taking the args dict,
     ``readiness()`` and ``metrics_text()`` (``app.Service``). Each frame is answered in a
     task of its own, so one connection carries a front end's concurrent requests; answers
-    go back in the order they finish."""
+    go back in the order they finish. ``on_request(op, seconds)``, if given, gets each
+    model request's time from its frame being read to its answer being written."""
 
-    def __init__(self, service: Any, path: str, limit: int):
+    def __init__(self, service: Any, path: str, limit: int,
+                 on_request: Callable[[str, float], None] | None = None):
         self.service, self.path, self.limit = service, path, limit
+        self.on_request = on_request
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
         self.connections = 0
@@ -226,7 +234,7 @@ class EngineServer:
                     break
                 if frame is None:
                     break
-                task = asyncio.ensure_future(self._answer(frame, writer, drain_lock))
+                task = asyncio.ensure_future(self._answer(frame, writer, drain_lock, time.perf_counter()))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         except (ConnectionError, asyncio.CancelledError):
@@ -235,7 +243,8 @@ class EngineServer:
             self.connections -= 1
             writer.close()
 
-    async def _answer(self, frame: dict, writer: asyncio.StreamWriter, drain_lock: asyncio.Lock) -> None:
+    async def _answer(self, frame: dict, writer: asyncio.StreamWriter, drain_lock: asyncio.Lock,
+                      t_read: float) -> None:
         rid, op, args = frame.get("id"), frame.get("op"), frame.get("args")
         try:
             fn = self.ops.get(op) if isinstance(op, str) else None
@@ -255,6 +264,8 @@ class EngineServer:
         if writer.is_closing():
             return
         writer.write(data)
+        if self.on_request is not None and op in MODEL_OPS:
+            self.on_request(op, time.perf_counter() - t_read)
         if writer.transport.get_write_buffer_size() > DRAIN_ABOVE_BYTES:
             async with drain_lock:
                 try:
@@ -265,10 +276,13 @@ class EngineServer:
 
 class EngineClient:
     """A front end's end: one connection (opened on first use, and again after a break)
-    carrying every request; ``call`` waits for its own answer, at most ``timeout_s``."""
+    carrying every request; ``call`` waits for its own answer, at most ``timeout_s``.
+    ``on_roundtrip(op, seconds)``, if set, gets each answered model request's time from
+    sending its frame to reading the answer."""
 
-    def __init__(self, path: str, limit: int):
+    def __init__(self, path: str, limit: int, on_roundtrip: Callable[[str, float], None] | None = None):
         self.path, self.limit = path, limit
+        self.on_roundtrip = on_roundtrip
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -287,9 +301,12 @@ class EngineClient:
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
+            t0 = time.perf_counter()
             writer.write(data)
             async with asyncio.timeout(timeout_s):
                 reply = await fut
+            if self.on_roundtrip is not None and op in MODEL_OPS:
+                self.on_roundtrip(op, time.perf_counter() - t0)
         except TimeoutError:
             raise DeadlineExceeded(f"the engine process did not answer within {1e3 * timeout_s:.0f} ms") from None
         finally:

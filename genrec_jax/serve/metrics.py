@@ -42,6 +42,12 @@ class RequestMetrics:
                                   "Items in the HTTP front ends' catalogue copies, which resolve requests before "
                                   "the engine process (serve.resolve_in_frontends; 0: not yet, or off)",
                                   registry=r, multiprocess_mode="livemin")
+        # Multi-process server only: with genrec_engine_request_seconds (engine side) it splits a
+        # request's time between this process, the socket and the engine process.
+        self.engine_roundtrip = Histogram("genrec_engine_roundtrip_seconds",
+                                          "Front end: a model request's round trip to the engine process, from "
+                                          "sending its frame to reading the answer", ["op"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
         # "livemax": in multiprocess mode, the most lagging live front end (ignored otherwise)
         self.loop_lag = Gauge("genrec_event_loop_lag_seconds",
                               "How late the HTTP event loop runs a 5 ms timer (load shedding above "
@@ -67,6 +73,10 @@ class EngineMetrics:
                                       "Time each request waited in the batcher queue before its batch started",
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("genrec_queue_depth", "Requests waiting in the batcher queue", registry=r)
+        self.engine_request = Histogram("genrec_engine_request_seconds",
+                                        "Engine process: a front end's model request from reading its frame to "
+                                        "writing the answer (multi-process server)", ["op"],
+                                        buckets=LATENCY_BUCKETS, registry=r)
         self.batch_seconds = Histogram("genrec_batch_seconds",
                                        "Time from a batch's dispatch to its answers: the compiled steps and the "
                                        "host work around them", buckets=LATENCY_BUCKETS, registry=r)

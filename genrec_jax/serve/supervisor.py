@@ -124,7 +124,9 @@ class Supervisor:
                 log.error("cannot listen on %s:%d: %s", self.host, self.port, e)
                 return 1
             self.port = listener.getsockname()[1]
-            server = await EngineServer(self.service, str(private / "engine.sock"), frame_limit(self.cfg)).start()
+            engine_request = self.service.metrics.engine_request
+            server = await EngineServer(self.service, str(private / "engine.sock"), frame_limit(self.cfg),
+                                        on_request=lambda op, s: engine_request.labels(op).observe(s)).start()
             threading.Thread(target=self.service.start, name="genrec-engine-start", daemon=True).start()
             metrics_dir = private / "metrics"
             metrics_dir.mkdir()

@@ -94,6 +94,9 @@ def test_server_stage_quantiles_from_two_scrapes():
         lines += [f'genrec_request_queue_wait_seconds_bucket{{le="{le}"}} {c}' for le, c in wait]
         lines += [f'genrec_queue_wait_seconds_bucket{{le="{le}"}} 999' for le, _ in wait]  # per batch: not read
         lines += [f'genrec_batch_seconds_bucket{{le="{le}"}} {c}' for le, c in batch]
+        for name in ("genrec_engine_roundtrip_seconds_bucket", "genrec_engine_request_seconds_bucket"):
+            lines += [f'{name}{{op="recommend",le="{le}"}} {c}' for le, c in batch]  # the same counts
+            lines += [f'{name}{{op="rank",le="{le}"}} {c}' for le, c in batch]  # added to them
         return "\n".join(lines)
 
     before = serve_load.parse_histograms(text([(0.01, 5), (0.05, 5), ("+Inf", 5)], [(0.002, 3), ("+Inf", 3)],
@@ -106,6 +109,9 @@ def test_server_stage_quantiles_from_two_scrapes():
     assert serve_load.server_quantile(before, after, 0.50, "batch") == pytest.approx(50.0)
     assert serve_load.server_quantile(before, after, 0.999, "batch") == float("inf")  # past the last bound
     assert serve_load.server_quantile(before, before, 0.99, "batch") is None  # nothing in between
+    for key in ("roundtrip", "engine"):  # two op series summed: 200 observations, 2 of them under 10 ms
+        assert serve_load.server_quantile(before, after, 0.50, key) == pytest.approx(50.0)
+        assert after[key][0.01] == 4 and after[key][0.05] == 202
 
 
 def test_raw_client_resends_once_when_the_server_closed_an_idle_connection():

@@ -197,3 +197,30 @@ def test_front_end_without_engine_answers_503(sock_path):
         r = c.post("/v1/recommend", json={"history": [{"item_id": "i1"}], "k": "3"})
         assert r.status_code == 422 and r.json()["error"]["field"] == "k", "validation happens in the front end"
         assert "genrec_errors_total" in c.get("/metrics").text
+
+
+def test_model_requests_report_their_round_trip_and_engine_time(sock_path):
+    """The hooks behind genrec_engine_roundtrip_seconds (front end) and
+    genrec_engine_request_seconds (engine process): one observation per answered model
+    request (an error reply included), the engine's time inside the round trip, none for
+    control calls."""
+    seen = {"engine": [], "roundtrip": []}
+
+    async def go():
+        server = await EngineServer(FakeService(), sock_path, LIMIT,
+                                    on_request=lambda op, s: seen["engine"].append((op, s))).start()
+        client = EngineClient(sock_path, LIMIT, on_roundtrip=lambda op, s: seen["roundtrip"].append((op, s)))
+        try:
+            await client.call("recommend", {"n": 1, "delay": 0.03}, 5)
+            await client.call("ready", {}, 5)
+            with pytest.raises(RemoteError):
+                await client.call("recommend", {"n": 0, "fail": "request"}, 5)
+        finally:
+            await client.close()
+            await server.close()
+
+    asyncio.run(go())
+    assert [op for op, _ in seen["engine"]] == ["recommend", "recommend"], "control calls are not model requests"
+    assert [op for op, _ in seen["roundtrip"]] == ["recommend", "recommend"], "an error reply is an answer too"
+    engine_s, roundtrip_s = seen["engine"][0][1], seen["roundtrip"][0][1]
+    assert 0.03 <= engine_s <= roundtrip_s < 5, (engine_s, roundtrip_s)

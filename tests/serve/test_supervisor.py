@@ -140,6 +140,12 @@ def test_every_endpoint_answers_as_in_one_process(mp, single):
                  "genrec_event_loop_lag_seconds"):
         assert name in metrics, f"/metrics lacks {name}"
     assert 'genrec_errors_total{error_class="unsupported"}' in metrics, "engine-side errors are counted"
+    # the request's time split between the front end, the socket and the engine process
+    for name in ("genrec_engine_roundtrip_seconds", "genrec_engine_request_seconds"):
+        for op in ("recommend", "rank"):
+            counts = [float(line.split()[-1]) for line in metrics.splitlines()
+                      if line.startswith(f'{name}_count{{op="{op}"}}')]
+            assert counts and counts[0] >= 2, f"/metrics lacks {name} for {op}: {counts}"
 
 
 def test_concurrent_callers_get_their_own_results(mp, engine, rng):
