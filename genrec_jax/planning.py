@@ -20,6 +20,10 @@ trainer shards with). Counted per device:
   are live at a time. With ``model.moe.dispatch=all_to_all`` over an expert axis of size X,
   the blocks hold the rows a device receives (X x slots, ``all_to_all_slots``) for its E / X
   experts, and each layer keeps its send, receive and return buffers (3 x rows x D).
+  With the Triton kernels, a layer's backward with ``model.attention_dq_mode`` "stored" (or
+  "auto" from N = 1024 while it fits in 4 GiB) also holds, for that layer only, the stored
+  dS: sequences x local heads x 128^2 x T (T + 1) / 2 values, T = ceil(N / 128)
+  (``stored_ds_floats``; the kernels' slab is 128 or 64 keys, 128 the larger count).
 
 FLOPs per token (forward; training = 3x forward), with n̄ = (N + 1) / 2 keys per query:
 
@@ -133,6 +137,28 @@ def activation_floats_per_token(cfg: Config, attention: str, tensor: int) -> flo
     return m.num_layers * layer
 
 
+STORED_DS_SLAB = 128  # the stored-dS layout's key block (kernels/hstu_attention.py), the larger one
+STORED_DS_MIN_LEN = 1024  # as kernels.hstu_attention (that module needs triton; this one must not)
+STORED_DS_AUTO_MAX_BYTES = 4 << 30
+
+
+def stored_ds_floats(cfg: Config, tokens: int, tensor: int) -> float:
+    """Values of the dS buffer one layer's Triton backward holds with the stored-dS dQ
+    (``model.attention_dq_mode``), on a device with ``tokens`` tokens; 0 when it does not
+    store dS (atomic or separate dQ, or "auto" below its length or over its size)."""
+    m, n = cfg.model, cfg.data.max_seq_len
+    if m.arch != "hstu" or m.attention_dq_mode in ("atomic", "separate"):
+        return 0.0
+    h_local = max(m.num_heads // tensor, 1) if m.num_heads % tensor == 0 else m.num_heads
+    t = -(-n // STORED_DS_SLAB)
+    values = max(1, tokens // n) * h_local * STORED_DS_SLAB ** 2 * t * (t + 1) / 2
+    if m.attention_dq_mode == "auto":
+        itemsize = 2 if m.dtype == "bfloat16" else 4
+        if n < STORED_DS_MIN_LEN or values * itemsize > STORED_DS_AUTO_MAX_BYTES:
+            return 0.0
+    return float(values)
+
+
 def all_to_all_slots(cfg: Config, tokens: int, expert: int) -> int:
     """Rows one device receives (and sends) per MoE layer with ``moe.dispatch=all_to_all``
     over ``expert`` devices: expert x slots, slots = every local copy when
@@ -171,8 +197,9 @@ def make_plan(cfg: Config, mesh: dict[str, int], *, num_items: int, attention: s
     per_dev = sum(math.prod(s) / shard_factor(s, a, mesh) for _, s, a in leaves) * 4.0
     dp = mesh["data"] * mesh["fsdp"] * mesh["expert"]
     tokens = max(1, cfg.data.batch_size * cfg.data.max_seq_len // dp)
+    ds = stored_ds_floats(cfg, tokens, mesh["tensor"]) if attention == "triton" else 0.0
     act_bytes = (activation_floats_per_token(cfg, attention, mesh["tensor"]) * tokens
-                 + moe_block_floats(cfg, tokens, mesh["expert"])) * (2 if cfg.model.dtype == "bfloat16" else 4)
+                 + moe_block_floats(cfg, tokens, mesh["expert"]) + ds) * (2 if cfg.model.dtype == "bfloat16" else 4)
     return Plan(
         num_params=int(total), num_params_item_table=int(item_table), mesh=dict(mesh),
         bytes_params=per_dev, bytes_grads=per_dev, bytes_optimizer=2 * per_dev, bytes_activations=act_bytes,

@@ -109,3 +109,23 @@ def test_all_to_all_dispatch_buffers_are_counted():
                                                                  f"model.moe.capacity_factor={cf}"]),
                         mesh, num_items=120)
         assert a2a.bytes_activations - plain.bytes_activations == 2 * 3 * 4 * slots * 32 * 4
+
+
+def test_stored_ds_of_the_triton_backward_is_counted_for_one_layer():
+    """model.attention_dq_mode: the Triton backward's stored dS, one layer's worth, is part
+    of the activations when it is used: sequences x heads x 128^2 x T (T + 1) / 2 values,
+    T = ceil(N / 128); "auto" stores from N = 1024 only; the XLA attention never."""
+    mesh = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}
+
+    def plan(n, mode, attention="triton"):
+        over = [f"data.max_seq_len={n}", "data.batch_size=3", f"model.attention_dq_mode={mode}"]
+        return make_plan(load_config(preset_path("tiny"), over), mesh, num_items=120, attention=attention)
+
+    heads = load_config(preset_path("tiny")).model.num_heads
+    t = -(-1100 // 128)
+    extra = 3 * heads * 128 * 128 * t * (t + 1) // 2 * 4  # float32 model
+    assert plan(1100, "stored").bytes_activations - plan(1100, "atomic").bytes_activations == extra
+    assert plan(1100, "auto").bytes_activations == plan(1100, "stored").bytes_activations
+    assert plan(500, "auto").bytes_activations == plan(500, "atomic").bytes_activations  # below 1,024
+    assert plan(500, "stored").bytes_activations > plan(500, "atomic").bytes_activations
+    assert plan(1100, "stored", "xla").bytes_activations == plan(1100, "atomic", "xla").bytes_activations
