@@ -623,6 +623,27 @@ def _dq_range(
 
 
 @triton.jit
+def _dq_program(SEQ_STARTS, SEQ_LENS, DQ, pad_rows, H: tl.constexpr, DQK: tl.constexpr, PADDED: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_DQK: tl.constexpr, GROUPED: tl.constexpr):
+    """What both query-major dQ kernels start from: this program's (sequence, head), query
+    block (heaviest first), its rows' dQ pointers and store mask (padding rows in padded mode)."""
+    pid_bh, blk = _block_of_program(GROUPED)
+    b = pid_bh // H
+    h = pid_bh % H
+    start_m = (tl.num_programs(1) - 1 - blk) * BLOCK_M
+    seq_start = tl.load(SEQ_STARTS + b).to(tl.int64)
+    seq_len = tl.load(SEQ_LENS + b)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    dq_ptrs = DQ + (seq_start * H + h) * DQK + offs_m[:, None] * (H * DQK) + offs_dqk[None, :]
+    if PADDED:
+        store_mask = (offs_m < pad_rows)[:, None] & (offs_dqk[None, :] < DQK)
+    else:
+        store_mask = (offs_m < seq_len)[:, None] & (offs_dqk[None, :] < DQK)
+    return pid_bh, b, h, start_m, seq_start, seq_len, offs_m, offs_dqk, dq_ptrs, store_mask
+
+
+@triton.jit
 def _hstu_bwd_dq_kernel(
     Q, K, V, DO,  # [T, H, DQK] x2, [T, H, DV] x2
     SEQ_STARTS, SEQ_LENS, NUM_TARGETS,  # [B] int32
@@ -639,20 +660,9 @@ def _hstu_bwd_dq_kernel(
     """dQ_i = alpha sum_j dS_ij k_j without atomics (``dq_mode="separate"``): the forward's
     grid, key ranges and masks with dS in place of A. Deterministic; recomputes S, the bias
     and dA = dO V^T (4 D flop per pair more than the atomic variant, no f32 L2 reductions)."""
-    pid_bh, blk = _block_of_program(GROUPED)
-    b = pid_bh // H
-    h = pid_bh % H
-    start_m = (tl.num_programs(1) - 1 - blk) * BLOCK_M
-    seq_start = tl.load(SEQ_STARTS + b).to(tl.int64)
-    seq_len = tl.load(SEQ_LENS + b)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_dqk = tl.arange(0, BLOCK_DQK)
+    pid_bh, b, h, start_m, seq_start, seq_len, offs_m, offs_dqk, dq_ptrs, store_mask = _dq_program(
+        SEQ_STARTS, SEQ_LENS, DQ, pad_rows, H, DQK, PADDED, BLOCK_M, BLOCK_DQK, GROUPED)
     offs_dv = tl.arange(0, BLOCK_DV)
-    dq_ptrs = DQ + (seq_start * H + h) * DQK + offs_m[:, None] * (H * DQK) + offs_dqk[None, :]
-    if PADDED:
-        store_mask = (offs_m < pad_rows)[:, None] & (offs_dqk[None, :] < DQK)
-    else:
-        store_mask = (offs_m < seq_len)[:, None] & (offs_dqk[None, :] < DQK)
     if start_m < seq_len:
         if HAS_TARGETS:
             hist = tl.minimum(tl.maximum(seq_len - tl.load(NUM_TARGETS + b), 0), seq_len)
@@ -712,20 +722,9 @@ def _hstu_bwd_dq_stored_kernel(
     targets), then the diagonal block's keys up to the block's last query. Those are exactly
     the tiles the backward wrote; entries it masked are zeros there.
     """
-    pid_bh, blk = _block_of_program(GROUPED)
-    b = pid_bh // H
-    h = pid_bh % H
-    start_m = (tl.num_programs(1) - 1 - blk) * BLOCK_M
-    seq_start = tl.load(SEQ_STARTS + b).to(tl.int64)
-    seq_len = tl.load(SEQ_LENS + b)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, start_m, seq_start, seq_len, offs_m, offs_dqk, dq_ptrs, store_mask = _dq_program(
+        SEQ_STARTS, SEQ_LENS, DQ, pad_rows, H, DQK, PADDED, BLOCK_M, BLOCK_DQK, GROUPED)
     offs_i = tl.arange(0, BLOCK_N)
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    dq_ptrs = DQ + (seq_start * H + h) * DQK + offs_m[:, None] * (H * DQK) + offs_dqk[None, :]
-    if PADDED:
-        store_mask = (offs_m < pad_rows)[:, None] & (offs_dqk[None, :] < DQK)
-    else:
-        store_mask = (offs_m < seq_len)[:, None] & (offs_dqk[None, :] < DQK)
     if start_m < seq_len:
         kb_diag = start_m // SLAB
         if HAS_TARGETS:
