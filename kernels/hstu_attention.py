@@ -348,7 +348,7 @@ def _ds_slab(DS, pid_bh, kb, ds_tiles, SLAB: tl.constexpr):
     rows = its keys, columns = the queries from the block's first key to the end of the
     padded length (``ds_tiles * SLAB``), so slab kb is SLAB x (ds_tiles - kb) * SLAB and the
     (sequence, head) region holds SLAB^2 * ds_tiles * (ds_tiles + 1) / 2 values
-    (``_ds_region``): the causal half of the square and its diagonal blocks. Only the
+    (``_ds_elements``): the causal half of the square and its diagonal blocks. Only the
     (key block, query block) tiles the backward visits are written.
     """
     t = ds_tiles.to(tl.int64)
@@ -475,7 +475,7 @@ def _hstu_bwd_kernel(
     DQ,  # [T, H, DQK] f32, zero-initialised (atomic adds)
     DK, DV,  # [T, H, DQK], [T, H, DV]
     DPOS, DTIME,  # [P], [NB] f32, zero-initialised
-    DS,  # STORE_DS: [B * H * _ds_region(ds_tiles, BLOCK_N)] dS^T slabs for _hstu_bwd_dq_stored_kernel
+    DS,  # STORE_DS: [_ds_elements(B, H, max_len, BLOCK_N)] dS^T slabs for _hstu_bwd_dq_stored_kernel
     H: tl.constexpr, DQK: tl.constexpr, DV_DIM: tl.constexpr,
     NORM_COUNT: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
     PADDED: tl.constexpr, ATOMIC_DQ: tl.constexpr, STORE_DS: tl.constexpr, PRECISION: tl.constexpr,
