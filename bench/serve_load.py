@@ -10,8 +10,9 @@ bucket upper bound) and, from the engine's histograms, the p99 of the requests' 
 the batcher queue ("wait p99") and of the batches' execution ("batch p99", dispatch to
 answers, per batch); with front ends split off (--workers), also the p99 of a request's
 round trip from a front end to the engine process ("rt p99") and of its time inside the
-engine process, frame read to answer written ("eng p99"); every error by status, and how late the generator fell behind its
-schedule ("gen lag": when large, the client machine, not the server, is saturated). Past
+engine process, frame read to answer written ("eng p99"); every error by status, and how
+late the generator fell behind its schedule ("gen lag": when large, the client machine,
+not the server, is saturated). Past
 saturation the server should refuse with fast 503s (bounded queue, bounded in-flight
 requests) while admitted requests keep a bounded latency.
 

@@ -44,6 +44,7 @@ from flax import nnx
 
 from genrec_jax.config import Config, ConfigError
 from genrec_jax.model.recommender import build_model
+from genrec_jax.ops.hstu_attention import auto_stores_ds, stored_ds_elements
 from genrec_jax.sharding import MESH_AXES, LOGICAL_RULES, logical_to_spec, mesh_shape
 
 GIB = 1024**3
@@ -138,8 +139,6 @@ def activation_floats_per_token(cfg: Config, attention: str, tensor: int) -> flo
 
 
 STORED_DS_SLAB = 128  # the stored-dS layout's key block (kernels/hstu_attention.py), the larger one
-STORED_DS_MIN_LEN = 1024  # as kernels.hstu_attention (that module needs triton; this one must not)
-STORED_DS_AUTO_MAX_BYTES = 4 << 30
 
 
 def stored_ds_floats(cfg: Config, tokens: int, tensor: int) -> float:
@@ -150,12 +149,9 @@ def stored_ds_floats(cfg: Config, tokens: int, tensor: int) -> float:
     if m.arch != "hstu" or m.attention_dq_mode in ("atomic", "separate"):
         return 0.0
     h_local = max(m.num_heads // tensor, 1) if m.num_heads % tensor == 0 else m.num_heads
-    t = -(-n // STORED_DS_SLAB)
-    values = max(1, tokens // n) * h_local * STORED_DS_SLAB ** 2 * t * (t + 1) / 2
-    if m.attention_dq_mode == "auto":
-        itemsize = 2 if m.dtype == "bfloat16" else 4
-        if n < STORED_DS_MIN_LEN or values * itemsize > STORED_DS_AUTO_MAX_BYTES:
-            return 0.0
+    values = stored_ds_elements(max(1, tokens // n), h_local, n, STORED_DS_SLAB)
+    if m.attention_dq_mode == "auto" and not auto_stores_ds(n, values * (2 if m.dtype == "bfloat16" else 4)):
+        return 0.0
     return float(values)
 
 

@@ -41,6 +41,8 @@ import triton
 import triton.language as tl
 
 from genrec_jax.kernels import launch
+from genrec_jax.ops.hstu_attention import (  # noqa: F401 -- the limits are part of this module's interface
+    STORED_DS_AUTO_MAX_BYTES, STORED_DS_MIN_LEN, auto_stores_ds, stored_ds_elements)
 
 # --------------------------------------------------------------------------- shared device code
 
@@ -348,7 +350,7 @@ def _ds_slab(DS, pid_bh, kb, ds_tiles, SLAB: tl.constexpr):
     rows = its keys, columns = the queries from the block's first key to the end of the
     padded length (``ds_tiles * SLAB``), so slab kb is SLAB x (ds_tiles - kb) * SLAB and the
     (sequence, head) region holds SLAB^2 * ds_tiles * (ds_tiles + 1) / 2 values
-    (``_ds_elements``): the causal half of the square and its diagonal blocks. Only the
+    (``stored_ds_elements``): the causal half of the square and its diagonal blocks. Only the
     (key block, query block) tiles the backward visits are written.
     """
     t = ds_tiles.to(tl.int64)
@@ -475,7 +477,7 @@ def _hstu_bwd_kernel(
     DQ,  # [T, H, DQK] f32, zero-initialised (atomic adds)
     DK, DV,  # [T, H, DQK], [T, H, DV]
     DPOS, DTIME,  # [P], [NB] f32, zero-initialised
-    DS,  # STORE_DS: [_ds_elements(B, H, max_len, BLOCK_N)] dS^T slabs for _hstu_bwd_dq_stored_kernel
+    DS,  # STORE_DS: [stored_ds_elements(B, H, max_len, BLOCK_N)] dS^T slabs for _hstu_bwd_dq_stored_kernel
     H: tl.constexpr, DQK: tl.constexpr, DV_DIM: tl.constexpr,
     NORM_COUNT: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
     PADDED: tl.constexpr, ATOMIC_DQ: tl.constexpr, STORE_DS: tl.constexpr, PRECISION: tl.constexpr,
@@ -947,14 +949,7 @@ INTERPRET_BWD_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stage
 INTERPRET_CACHED_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 INTERPRET_DQ_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 INTERPRET_DQS_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-DQ_MODES = ("auto", "atomic", "separate", "stored")
-# dq_mode="auto" stores dS (``_ds_slab``) from this length on, if the buffer fits the limit
-# below; "atomic" otherwise. H100, B=32 H=4 D=128 bf16, forward+backward: stored 0.367 against
-# 0.447 ms (atomic) at N=1024, 3.36-3.47 against 3.81-3.83 ms at N=4096, 12.16 against 12.98
-# ms at N=8192; at the training shape (B=64 N=512 H=8 D=64, both biases) 0.868 against 0.879
-# ms, no gain (NOTES.md, 20th session).
-STORED_DS_MIN_LEN = 1024
-STORED_DS_AUTO_MAX_BYTES = 4 << 30
+DQ_MODES = ("auto", "atomic", "separate", "stored")  # "auto": genrec_jax.ops.hstu_attention.auto_stores_ds
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -970,7 +965,7 @@ def _pinned(**configs) -> tuple:
 
 def _dq_mode(dq_mode: str, *, batch: int, heads: int, max_seq_len: int, head_dim: int, rab: bool, dtype,
              bwd_config: dict | None, mode: str) -> str:
-    """``dq_mode`` with "auto" resolved (see STORED_DS_MIN_LEN)."""
+    """``dq_mode`` with "auto" resolved (``auto_stores_ds``)."""
     if dq_mode not in DQ_MODES:
         raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
     if dq_mode != "auto":
@@ -984,18 +979,13 @@ def _dq_mode(dq_mode: str, *, batch: int, heads: int, max_seq_len: int, head_dim
     else:
         slab = bwd_stored_configs(head_dim, rab)[0].kwargs["BLOCK_N"]
     nbytes = stored_ds_bytes(batch, heads, max_seq_len, slab, jnp.dtype(dtype).itemsize)
-    return "stored" if nbytes <= STORED_DS_AUTO_MAX_BYTES else "atomic"
-
-
-def _ds_elements(batch: int, heads: int, max_seq_len: int, slab: int) -> int:
-    tiles = -(-max_seq_len // slab)
-    return batch * heads * slab * slab * tiles * (tiles + 1) // 2
+    return "stored" if auto_stores_ds(max_seq_len, nbytes) else "atomic"
 
 
 def stored_ds_bytes(batch: int, heads: int, max_seq_len: int, slab: int, itemsize: int = 2) -> int:
     """Bytes of the dS buffer that ``dq_mode="stored"`` allocates for one backward pass
     (``slab``: the backward's BLOCK_N; ``itemsize``: of the inputs' dtype)."""
-    return _ds_elements(batch, heads, max_seq_len, slab) * itemsize
+    return stored_ds_elements(batch, heads, max_seq_len, slab) * itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1087,7 +1077,7 @@ def _backward(st: _Static, q, k, v, pos_bias, time_bias, starts, lens, targets, 
     if st.dq_stored:
         slab = st.slab()
         tiles = triton.cdiv(st.max_seq_len, slab)
-        ds_shape = (_ds_elements(b, st.heads, st.max_seq_len, slab),)
+        ds_shape = (stored_ds_elements(b, st.heads, st.max_seq_len, slab),)
         dq_cfg = st.config("dq", resolve=True)
         if slab % dq_cfg["BLOCK_M"] or slab % dq_cfg["BLOCK_N"]:
             raise ValueError(f"dq_mode='stored': dq_config's BLOCK_M and BLOCK_N must divide the backward's "
@@ -1232,8 +1222,8 @@ def hstu_attention_triton(
     "separate" (a query-major kernel recomputes S; deterministic, no atomics) or "stored"
     (the key-major kernel also writes dS, a second kernel multiplies it by K; deterministic,
     with a dS buffer of ``stored_ds_bytes`` for the pass) or "auto" (the default: "stored"
-    from ``STORED_DS_MIN_LEN`` on while that buffer is at most ``STORED_DS_AUTO_MAX_BYTES``,
-    "atomic" otherwise); ``sigmoid``:
+    from ``STORED_DS_MIN_LEN`` events on while that buffer is at most
+    ``STORED_DS_AUTO_MAX_BYTES``, "atomic" otherwise; ``genrec_jax.ops.hstu_attention``); ``sigmoid``:
     "exact", "tanh" (one ``tanh.approx`` instruction per pair on the GPU) or "auto" (tanh for
     16-bit inputs except the forward with a bias, exact for float32; see ``_silu_mode``);
     ``fwd_config``/``bwd_config``/``dq_config`` pin {"BLOCK_M", "BLOCK_N", "num_warps",

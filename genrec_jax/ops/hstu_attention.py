@@ -315,6 +315,30 @@ def resolve_backend(backend: Backend, op: str = "attention") -> Literal["xla", "
     return "triton" if triton_available() else "xla"
 
 
+# The Triton backward's dq_mode="auto" (kernels/hstu_attention.py) stores dS from this
+# length on, while the buffer is at most the size below; "atomic" otherwise. H100, B=32 H=4
+# D=128 bf16, forward+backward: stored 0.367 against 0.447 ms (atomic) at N=1024, 3.36-3.47
+# against 3.81-3.83 ms at N=4096, 12.16 against 12.98 ms at N=8192; at the training shape
+# (B=64 N=512 H=8 D=64, both biases) 0.868 against 0.879 ms, no gain (kernels/NOTES.md).
+# Here, not in the kernels module, so that the dry-run planner can use it without triton.
+STORED_DS_MIN_LEN = 1024
+STORED_DS_AUTO_MAX_BYTES = 4 << 30
+
+
+def stored_ds_elements(batch: int, heads: int, max_seq_len: int, slab: int) -> int:
+    """Values of the dS buffer a stored-dS backward holds: per (sequence, head) one slab per
+    key block of ``slab`` keys over the queries from the block on, T (T + 1) / 2 tiles of
+    slab^2 with T = ceil(max_seq_len / slab)."""
+    tiles = -(-max_seq_len // slab)
+    return batch * heads * slab * slab * tiles * (tiles + 1) // 2
+
+
+def auto_stores_ds(max_seq_len: int, ds_bytes: int) -> bool:
+    """Whether dq_mode="auto" stores dS for sequences up to ``max_seq_len`` with a buffer of
+    ``ds_bytes``."""
+    return max_seq_len >= STORED_DS_MIN_LEN and ds_bytes <= STORED_DS_AUTO_MAX_BYTES
+
+
 def hstu_attention(
     q: jax.Array,
     k: jax.Array,
